@@ -1,0 +1,95 @@
+"""Token dispatchers: (token, expert) pairs to expert-contiguous rows and back.
+
+Shape legend: T tokens, D model dim, E experts, K top-k, N kept (token, expert) rows.
+
+Every dispatcher is a pair:
+    x_ND, meta = dispatcher.dispatch(x_TD, routing)   # rows grouped by local expert
+    y_TD = dispatcher.combine(y_ND, meta)             # gate-weighted sum back per token
+`meta` is frozen; `meta.counts` (a Python list) tells the experts how many rows each
+local expert owns. The local dispatcher does no communication; the expert-parallel one
+(dmoe.parallel.ep_dispatch) adds an all-to-all on each side behind the same interface.
+
+No dense one-hot [T, E, C] tensor is built: the permutation is an index vector from one
+stable sort, so cost grows with T*K, not T*E*C, and dropped rows are never computed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .capacity import CapacityPlan, expert_capacity, plan_capacity
+from .router import Routing
+
+
+@dataclass(frozen=True)
+class CapacitySettings:
+    train_factor: float | None
+    eval_factor: float | None
+    min_capacity: int
+    drop_policy: str
+
+    def factor(self, training: bool) -> float | None:
+        return self.train_factor if training else self.eval_factor
+
+
+@dataclass(frozen=True)
+class DispatchMeta:
+    token_idx_N: torch.Tensor  # source token of each kept row, expert-contiguous
+    gate_N: torch.Tensor  # combine weight of each kept row (differentiable)
+    counts: list[int]  # rows per local expert, in row order
+    routed_E: torch.Tensor  # rows routed per (global) expert before dropping
+    kept_E: torch.Tensor  # rows kept per (global) expert
+    capacity: int | None
+    num_tokens: int
+    extra: object = None  # dispatcher-specific state (all-to-all splits)
+
+
+def permute_tokens(
+    routing: Routing, num_tokens: int, num_experts: int, capacity: CapacitySettings, training: bool
+) -> tuple[CapacityPlan, torch.Tensor, torch.Tensor, int | None]:
+    """The local half of every dispatcher: capacity plan, source tokens and gates of kept rows."""
+    top_k = routing.expert_idx_TK.shape[1]
+    cap = expert_capacity(
+        num_tokens, num_experts, top_k, capacity.factor(training), capacity.min_capacity
+    )
+    # k-major flattening: assignment n = k * T + t (first choices take priority).
+    expert_idx_N = routing.expert_idx_TK.t().reshape(-1)
+    score_N = routing.score_TK.t().reshape(-1)
+    plan = plan_capacity(expert_idx_N, score_N, num_experts, cap, capacity.drop_policy)
+    token_idx_N = plan.order_N % num_tokens
+    gate_N = routing.gate_TK.t().reshape(-1).index_select(0, plan.order_N)
+    return plan, token_idx_N, gate_N, cap
+
+
+def combine_rows(y_ND: torch.Tensor, token_idx_N: torch.Tensor, gate_N: torch.Tensor, num_tokens: int):
+    """y_TD[t] = sum of gate * y over the kept rows of token t (dropped rows add nothing)."""
+    weighted_ND = y_ND * gate_N.unsqueeze(1).to(y_ND.dtype)
+    out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[1])
+    return out_TD.index_add(0, token_idx_N, weighted_ND)
+
+
+class LocalDispatcher:
+    """All experts on this rank: a gather before the experts, a scatter-add after."""
+
+    def __init__(self, num_experts: int, capacity: CapacitySettings):
+        self.num_experts, self.capacity = num_experts, capacity
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, training: bool):
+        num_tokens = x_TD.shape[0]
+        plan, token_idx_N, gate_N, cap = permute_tokens(
+            routing, num_tokens, self.num_experts, self.capacity, training
+        )
+        meta = DispatchMeta(
+            token_idx_N=token_idx_N,
+            gate_N=gate_N,
+            counts=plan.counts_E.tolist(),
+            routed_E=plan.routed_E,
+            kept_E=plan.counts_E,
+            capacity=cap,
+            num_tokens=num_tokens,
+        )
+        return x_TD.index_select(0, token_idx_N), meta
+
+    def combine(self, y_ND: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        return combine_rows(y_ND, meta.token_idx_N, meta.gate_N, meta.num_tokens)

@@ -1,0 +1,55 @@
+"""The MoE FFN: route, dispatch, run experts, combine; reports its own routing stats.
+
+Shape legend: B batch, S sequence, T = B*S tokens, D model dim, E experts, N kept rows.
+Communication happens only inside the dispatcher (none for LocalDispatcher).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .dispatch import CapacitySettings, LocalDispatcher
+from .experts import GroupedExperts
+from .router import TopKRouter
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    """Per-layer, per-forward routing figures (detached, on the activation device)."""
+
+    routed_E: torch.Tensor  # assignments routed to each expert (before drops)
+    kept_E: torch.Tensor  # assignments each expert kept
+    aux_loss: torch.Tensor  # differentiable
+    z_loss: torch.Tensor  # differentiable
+    capacity: int | None
+
+    @property
+    def dropped(self) -> torch.Tensor:
+        return self.routed_E.sum() - self.kept_E.sum()
+
+    @property
+    def drop_fraction(self) -> torch.Tensor:
+        return self.dropped.float() / self.routed_E.sum().clamp(min=1)
+
+
+class MoELayer(nn.Module):
+    def __init__(self, d_model: int, num_experts: int, top_k: int, d_ff: int,
+                 capacity: CapacitySettings, activation: str = "gelu", jitter_eps: float = 0.0,
+                 normalize_topk: bool = True, expert_dtype: str = "float32"):
+        super().__init__()
+        self.router = TopKRouter(d_model, num_experts, top_k, jitter_eps, normalize_topk)
+        self.experts = GroupedExperts(num_experts, d_model, d_ff, activation, expert_dtype)
+        # Swapped for an expert-parallel dispatcher (and a shard of the experts) by
+        # dmoe.parallel.parallelize; the model code never sees a process group.
+        self.dispatcher = LocalDispatcher(num_experts, capacity)
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        routing = self.router(x_TD)
+        x_ND, meta = self.dispatcher.dispatch(x_TD, routing, self.training)
+        y_ND = self.experts(x_ND, meta.counts)
+        y_TD = self.dispatcher.combine(y_ND, meta)
+        stats = MoEStats(meta.routed_E, meta.kept_E, routing.aux_loss, routing.z_loss, meta.capacity)
+        return y_TD.view_as(x_BSD), stats
