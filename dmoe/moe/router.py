@@ -32,12 +32,13 @@ def load_balance_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor) -> to
     num_experts = probs_TE.shape[-1]
     counts_E = torch.bincount(expert_idx_TK.flatten(), minlength=num_experts)
     frac_E = counts_E.to(probs_TE.dtype) / max(expert_idx_TK.numel(), 1)
-    return num_experts * torch.dot(frac_E, probs_TE.mean(0))
+    mean_prob_E = probs_TE.sum(0) / max(probs_TE.shape[0], 1)  # 0 tokens: 0, not NaN
+    return num_experts * torch.dot(frac_E, mean_prob_E)
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE z-loss: mean squared log-sum-exp of the router logits."""
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+    return torch.logsumexp(logits_TE, dim=-1).square().sum() / max(logits_TE.shape[0], 1)
 
 
 class TopKRouter(nn.Module):

@@ -5,14 +5,16 @@ Four kinds of group, for `world_size = tp * dp` and `ep` carved out of the dp ra
     dp   data parallel: ranks holding the same dense weights; dense grads reduce here (size dp)
     ep   expert parallel: ranks exchanging tokens by all-to-all, each holding 1/ep of the
          experts (size ep)
-    edp  expert-data parallel: ranks holding the same experts; expert grads reduce here
-         (size dp/ep)
+    edp  expert-data parallel: every rank holding the same expert shard; expert grads
+         reduce here (size tp*dp/ep). Experts are not TP-sharded: each TP rank routes its
+         own slice of the tokens, so TP ranks hold the same experts with different
+         gradient contributions, and they belong to the same edp group.
 
 Rank order (Megatron's tp-ep-dp idea): TP varies fastest, so a TP group stays inside a
 node; then EP; then the rest of DP. With t in [0, tp), e in [0, ep), d in [0, dp/ep):
     rank = t + tp * (e + ep * d)
 
-Example, world 8, tp 2, ep 2 (dp 4, edp 2):
+Example, world 8, tp 2, ep 2 (dp 4, edp 4):
     rank   0 1 2 3 4 5 6 7
     t      0 1 0 1 0 1 0 1
     e      0 0 1 1 0 0 1 1
@@ -20,9 +22,9 @@ Example, world 8, tp 2, ep 2 (dp 4, edp 2):
     tp   [0,1] [2,3] [4,5] [6,7]
     dp   [0,2,4,6] [1,3,5,7]
     ep   [0,2] [1,3] [4,6] [5,7]
-    edp  [0,4] [1,5] [2,6] [3,7]
-Rank 2 holds expert shard e=1, swaps tokens with rank 0, and averages its expert grads
-with rank 6.
+    edp  [0,1,4,5] [2,3,6,7]
+Rank 2 holds expert shard e=1, swaps tokens with rank 0, and reduces its expert grads
+with ranks 3, 6 and 7.
 
 Everything here is pure except `build_process_groups`, which calls
 `torch.distributed.new_group` for every group, in the same order on every rank (torch
@@ -72,8 +74,8 @@ class ParallelLayout:
 
     @property
     def edp(self) -> int:
-        """Size of an expert-data-parallel group: replicas of the same expert shard."""
-        return self.dp // self.ep
+        """Size of an expert-data-parallel group: every rank holding the same expert shard."""
+        return self.tp * self.dp // self.ep
 
     def validate(self, num_experts: int) -> None:
         """Checks that the experts split evenly over the EP ranks."""
@@ -95,14 +97,14 @@ class ParallelLayout:
         """All groups of one kind, each a sorted list of global ranks, in a fixed order."""
         if kind not in GROUP_KINDS:
             raise ValueError(f"group kind ({kind!r}) must be one of {GROUP_KINDS}")
-        t_all, e_all, d_all = range(self.tp), range(self.ep), range(self.edp)
+        t_all, e_all, d_all = range(self.tp), range(self.ep), range(self.dp // self.ep)
         if kind == "tp":
             return [[self.rank_of(t, e, d) for t in t_all] for d in d_all for e in e_all]
         if kind == "dp":
             return [[self.rank_of(t, e, d) for d in d_all for e in e_all] for t in t_all]
         if kind == "ep":
             return [[self.rank_of(t, e, d) for e in e_all] for d in d_all for t in t_all]
-        return [[self.rank_of(t, e, d) for d in d_all] for e in e_all for t in t_all]
+        return [sorted(self.rank_of(t, e, d) for d in d_all for t in t_all) for e in e_all]
 
     def rank_groups(self, rank: int) -> dict[str, list[int]]:
         """For one global rank: the global ranks of its group of every kind."""

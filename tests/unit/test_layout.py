@@ -7,22 +7,22 @@ from tests._dist import run_ranks
 
 def test_world8_tp2_ep2_groups():
     layout = ParallelLayout(8, tp=2, ep=2)
-    assert (layout.dp, layout.edp) == (4, 2)
+    assert (layout.dp, layout.edp) == (4, 4)
     assert layout.groups("tp") == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert layout.groups("dp") == [[0, 2, 4, 6], [1, 3, 5, 7]]
     assert layout.groups("ep") == [[0, 2], [1, 3], [4, 6], [5, 7]]
-    assert layout.groups("edp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
-    assert layout.rank_groups(2) == {"tp": [2, 3], "dp": [0, 2, 4, 6], "ep": [0, 2], "edp": [2, 6]}
+    assert layout.groups("edp") == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert layout.rank_groups(2) == {"tp": [2, 3], "dp": [0, 2, 4, 6], "ep": [0, 2], "edp": [2, 3, 6, 7]}
     assert layout.coords(6) == (0, 1, 1)
 
 
 def test_world4_tp2_dp2_ep2_groups():
     layout = ParallelLayout(4, tp=2, ep=2, dp=2)
-    assert layout.edp == 1
+    assert layout.edp == 2
     assert layout.groups("tp") == [[0, 1], [2, 3]]
     assert layout.groups("dp") == [[0, 2], [1, 3]]
     assert layout.groups("ep") == [[0, 2], [1, 3]]  # EP spans all of DP
-    assert layout.groups("edp") == [[0], [1], [2], [3]]
+    assert layout.groups("edp") == [[0, 1], [2, 3]]  # TP ranks share an expert shard
 
 
 LAYOUTS = [(1, 1, 1), (4, 1, 2), (8, 1, 4), (8, 2, 2), (16, 2, 4), (12, 3, 2)]
@@ -31,22 +31,24 @@ LAYOUTS = [(1, 1, 1), (4, 1, 2), (8, 1, 4), (8, 2, 2), (16, 2, 4), (12, 3, 2)]
 @pytest.mark.parametrize("world,tp,ep", LAYOUTS)
 def test_groups_partition_the_world(world, tp, ep):
     layout = ParallelLayout(world, tp=tp, ep=ep)
-    sizes = {"tp": tp, "dp": world // tp, "ep": ep, "edp": world // tp // ep}
+    sizes = {"tp": tp, "dp": world // tp, "ep": ep, "edp": world // ep}
     for kind in GROUP_KINDS:
         groups = layout.groups(kind)
         assert sorted(r for g in groups for r in g) == list(range(world))
         assert {len(g) for g in groups} == {sizes[kind]}
     for rank in range(world):
         mine = layout.rank_groups(rank)
-        # The EP and expert-DP groups of a rank split its DP group.
-        assert set(mine["ep"]) <= set(mine["dp"]) and set(mine["edp"]) <= set(mine["dp"])
+        # EP lies inside DP; expert-DP spans the TP ranks and the rest of DP; the two
+        # meet only at this rank, and together with TP they cover the world.
+        assert set(mine["ep"]) <= set(mine["dp"])
         assert set(mine["ep"]) & set(mine["edp"]) == {rank}
+        assert set(mine["tp"]) <= set(mine["edp"])
 
 
 def test_describe_world8():
     text = ParallelLayout(8, tp=2, ep=2).describe()
     assert "ep   4 x 2: [0,2] [1,3] [4,6] [5,7]" in text
-    assert "edp  4 x 2: [0,4] [1,5] [2,6] [3,7]" in text
+    assert "edp  2 x 4: [0,1,4,5] [2,3,6,7]" in text
     assert len(text.splitlines()) == 5
 
 

@@ -1,0 +1,48 @@
+# The README's two commands: `make train` and `make test`. Both set up .venv first, once.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.dmoe-installed
+GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+# ranks for `make train`: every local GPU, or 2 CPU ranks (gloo) without one
+NPROC ?= $(if $(filter-out 0,$(GPUS)),$(GPUS),2)
+PORT ?= 29517
+CONFIG ?= configs/default.yaml
+ARGS ?=
+
+.PHONY: setup train train-torchrun test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.txt Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	@# torch first: the CPU wheel on CPU machines; GPU users keep (or get) a CUDA build
+	if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  if [ "$(GPUS)" != "0" ]; then $(PIP) install -q torch; else $(PIP) install -q torch==2.13.0; fi; fi
+	$(PIP) install -q -r requirements.txt
+	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $(STAMP)
+
+# The main job: the DeepSpeed launcher and engine on the default config.
+train: setup
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(PORT) \
+	  launch/train.py --config $(CONFIG) $(ARGS); rc=$$?; \
+	  rm -f /dev/shm/deepspeed_allreduce_buffer_*_$(PORT)_*; exit $$rc
+
+# The same run on the plain torch engine.
+train-torchrun: setup
+	$(VENV)/bin/torchrun --nproc_per_node $(NPROC) --master_port $(PORT) launch/train.py --config $(CONFIG) $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not system"
+
+bench: setup
+	$(PY) bench/moe_layer.py --quick
+
+clean:
+	rm -rf runs data $(VENV)

@@ -1,0 +1,214 @@
+"""Run configuration: dataclasses are the schema, YAML holds values, CLI overrides win.
+
+    cfg = load_config("configs/default.yaml", ["--moe.capacity_factor=1.5"])
+
+Every error is one line naming the dotted field and the offending value(s): unknown keys
+list the valid ones, wrong types name the expected type, impossible combinations name
+both fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; str(err) is the one line shown to the user."""
+
+
+def choice(default, options):
+    return field(default=default, metadata={"choices": tuple(options)})
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256  # set from the tokenizer when 0
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    seq_len: int = 128
+    ffn_dim: int = 512  # dense MLP hidden size
+    positions: str = choice("rotary", ["rotary", "learned"])
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    every: int = 2  # an MoE FFN in every `every`-th block (block i with (i+1) % every == 0)
+    expert_ffn_dim: int = 256
+    activation: str = choice("gelu", ["gelu", "swiglu"])
+    capacity_factor: typing.Optional[float] = 1.25  # null or 0: dropless
+    eval_capacity_factor: typing.Optional[float] = 2.0
+    min_capacity: int = 4
+    drop_policy: str = choice("position", ["position", "probability"])
+    router_jitter: float = 0.0
+    normalize_topk: bool = True
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    expert_dtype: str = choice("float32", ["float32", "bfloat16"])
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    ep: int = 1
+    backend: str = choice("auto", ["auto", "gloo", "nccl"])
+
+
+@dataclass
+class DataConfig:
+    paths: list = field(default_factory=list)  # text files/dirs; empty: the built-in corpus
+    data_dir: str = "data"
+    tokenizer: str = choice("byte", ["byte", "bpe"])
+    bpe_vocab_size: int = 2048
+    val_fraction: float = 0.05
+    max_corpus_mb: float = 16.0
+
+
+@dataclass
+class TrainConfig:
+    engine: str = choice("auto", ["auto", "torch", "deepspeed"])
+    steps: int = 400
+    micro_batch_size: int = 16  # sequences per rank per micro step
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    zero_stage: int = 1
+    seed: int = 1234
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    run_dir: str = "runs/default"
+    precision: str = choice("fp32", ["fp32", "bf16"])
+    threads: int = 0  # torch threads per rank; 0: cores / local ranks
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(path: str, value, hint):
+    """Check `value` against the type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is list and isinstance(value, str):
+        return [value]
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{path} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _apply(obj, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key {path!r}; valid keys: {', '.join(fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path} must be a mapping, got {value!r}")
+            _apply(current, value, path + ".")
+            continue
+        value = _coerce(path, value, hints[key])
+        options = fields[key].metadata.get("choices")
+        if options and value not in options:
+            raise ConfigError(f"{path} ({value!r}) must be one of {list(options)}")
+        setattr(obj, key, value)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """['--moe.top_k=1', '--train.steps', '5'] -> {'moe': {'top_k': 1}, 'train': {'steps': 5}}."""
+    tree: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key} has no value")
+            i, raw = i + 1, args[i + 1]
+        if "." not in key:
+            raise ConfigError(f"override --{key} must name a section, e.g. --moe.top_k=2")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw != "" else ""
+        i += 1
+    return tree
+
+
+def validate(cfg: Config) -> None:
+    m, e, t = cfg.model, cfg.moe, cfg.train
+    positive = {
+        "model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+        "model.seq_len": m.seq_len, "moe.num_experts": e.num_experts, "moe.every": e.every,
+        "moe.expert_ffn_dim": e.expert_ffn_dim, "train.steps": t.steps,
+        "train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum,
+        "parallel.tp": cfg.parallel.tp, "parallel.ep": cfg.parallel.ep,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{name} ({value}) must be >= 1")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    if not 1 <= e.top_k <= e.num_experts:
+        raise ConfigError(f"moe.top_k ({e.top_k}) must be in [1, moe.num_experts ({e.num_experts})]")
+    if e.num_experts % cfg.parallel.ep:
+        raise ConfigError(
+            f"moe.num_experts ({e.num_experts}) must be divisible by parallel.ep ({cfg.parallel.ep})"
+        )
+    if t.zero_stage not in (0, 1, 2):
+        raise ConfigError(
+            f"train.zero_stage ({t.zero_stage}) must be 0, 1 or 2: DeepSpeed does not support "
+            "ZeRO stage 3 with MoE expert parameters"
+        )
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction ({cfg.data.val_fraction}) must be in (0, 1)")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot read config {path}: {err}".splitlines()[0]) from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config {path} must be a mapping of sections, got {type(values).__name__}")
+        _apply(cfg, values)
+    _apply(cfg, parse_overrides(overrides or []))
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,90 @@
+"""Tokenized corpus on disk as memory-mapped uint16 files, and the batch sampler.
+
+Layout of a prepared data directory:
+    meta.json         tokenizer, vocab size, token counts, source description
+    train.bin         uint16 tokens of the training documents, concatenated
+    val.bin           uint16 tokens of the held-out documents
+    tokenizer.json    (bpe only)
+Preparation runs on one rank (the others wait at a barrier); every rank then maps the
+same files read-only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmoe.config import DataConfig
+
+from .corpus import is_validation, iter_documents
+from .tokenizer import BPETokenizer, ByteTokenizer
+
+log = logging.getLogger(__name__)
+EOT_BYTE = 0  # document separator (NUL never occurs in text)
+
+
+def _source_key(cfg: DataConfig) -> dict:
+    return {"paths": list(cfg.paths), "tokenizer": cfg.tokenizer, "bpe_vocab_size": cfg.bpe_vocab_size,
+            "val_fraction": cfg.val_fraction, "max_corpus_mb": cfg.max_corpus_mb}
+
+
+def prepare(cfg: DataConfig) -> Path:
+    """Tokenize the corpus into cfg.data_dir unless an identical preparation is there."""
+    out = Path(cfg.data_dir)
+    meta_path = out / "meta.json"
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("source") == _source_key(cfg):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    docs = list(iter_documents(cfg.paths, int(cfg.max_corpus_mb * 1e6)))
+    if not docs:
+        raise ValueError(f"data.paths ({cfg.paths}) holds no readable text")
+    tok = ByteTokenizer()
+    if cfg.tokenizer == "bpe":
+        tok = BPETokenizer.train((d.text for d in docs), cfg.bpe_vocab_size, out / "tokenizer.json")
+    splits = {"train": [], "val": []}
+    for doc in docs:
+        split = "val" if is_validation(doc.name, cfg.val_fraction) else "train"
+        splits[split].append(tok.encode(doc.text))
+        splits[split].append(np.array([EOT_BYTE], dtype=np.uint16))
+    counts = {}
+    for split, parts in splits.items():
+        if not parts:
+            raise ValueError(f"data.val_fraction ({cfg.val_fraction}) leaves the {split} split empty")
+        tokens = np.concatenate(parts)
+        tmp = out / f"{split}.bin.tmp"
+        tokens.tofile(tmp)
+        tmp.replace(out / f"{split}.bin")
+        counts[split] = int(tokens.size)
+    meta = {"source": _source_key(cfg), "vocab_size": tok.vocab_size, "tokens": counts,
+            "documents": len(docs)}
+    meta_path.write_text(json.dumps(meta, indent=2))
+    log.info("prepared %d documents: %d train / %d val tokens in %s",
+             len(docs), counts["train"], counts["val"], out)
+    return out
+
+
+@dataclass
+class TokenData:
+    train: np.memmap
+    val: np.memmap
+    vocab_size: int
+
+    @classmethod
+    def open(cls, data_dir: Path) -> "TokenData":
+        meta = json.loads((data_dir / "meta.json").read_text())
+        mm = lambda s: np.memmap(data_dir / f"{s}.bin", dtype=np.uint16, mode="r")  # noqa: E731
+        return cls(mm("train"), mm("val"), meta["vocab_size"])
+
+
+def sample_batch(tokens: np.ndarray, batch: int, seq_len: int, seed: int, step: int, rank: int):
+    """Random windows, a pure function of (seed, step, rank): resumable, no loader state."""
+    g = np.random.default_rng([seed, step, rank])
+    starts = g.integers(0, len(tokens) - seq_len - 1, size=batch)
+    window = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
+    x = torch.from_numpy(window[:, :-1])
+    y = torch.from_numpy(window[:, 1:])
+    return x, y

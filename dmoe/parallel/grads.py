@@ -1,0 +1,85 @@
+"""Gradient reduction and the global gradient norm for the plain torch engine.
+
+Communication (all inside `reduce_gradients` / `global_grad_norm`):
+  dense parameters       all-reduce mean over the data-parallel group
+  TP-partial parameters  (each TP rank saw a different token slice, e.g. the router under
+                          TP+EP: marked `dmoe_tp_partial`) all-reduce sum over TP first
+  expert parameters      (marked `dmoe_expert`) all-reduce sum over the expert-data-parallel
+                          group, then / dp: each rank's expert grads already hold the
+                          contributions of every EP peer's tokens, so summing over the ranks
+                          holding the same experts and dividing by dp gives the gradient of
+                          the DP-mean loss.
+Grads are flattened into buckets (one all-reduce per ~bucket_mb) per group.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+
+def _is_expert(p) -> bool:
+    return getattr(p, "dmoe_expert", False)
+
+
+def _allreduce_bucketed(grads: list[torch.Tensor], group, scale: float, bucket_mb: float = 25.0):
+    limit = int(bucket_mb * 2**20)
+    bucket, size = [], 0
+    for g in grads + [None]:
+        if g is not None:
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+        if bucket and (g is None or size >= limit):
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat, group=group)
+            if scale != 1.0:
+                flat.mul_(scale)
+            for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                dst.copy_(src)
+            bucket, size = [], 0
+
+
+def reduce_gradients(params, groups) -> None:
+    params = [p for p in params if p.grad is not None]
+    dp = groups.size("dp")
+    tp_partial = [p.grad for p in params if getattr(p, "dmoe_tp_partial", False)]
+    if tp_partial and groups.size("tp") > 1:
+        _allreduce_bucketed(tp_partial, groups.tp, 1.0)
+    dense = [p.grad for p in params if not _is_expert(p)]
+    expert = [p.grad for p in params if _is_expert(p)]
+    if dense and dp > 1:
+        _allreduce_bucketed(dense, groups.dp, 1.0 / dp)
+    if expert and (groups.size("edp") > 1 or dp > 1):
+        _allreduce_bucketed(expert, groups.edp, 1.0 / dp)
+
+
+def global_grad_norm(params, groups) -> torch.Tensor:
+    """L2 norm of the full (unsharded) gradient, identical on every rank."""
+    sq = {"replicated": 0.0, "tp": 0.0, "ep": 0.0}
+    for p in params:
+        if p.grad is None:
+            continue
+        kind = "ep" if _is_expert(p) else "tp" if getattr(p, "dmoe_tp_sharded", False) else "replicated"
+        sq[kind] = sq[kind] + p.grad.detach().float().square().sum()
+    device = next(iter(params)).device if params else torch.device("cpu")
+    total = torch.as_tensor(sq["replicated"], device=device, dtype=torch.float32)
+    for kind in ("tp", "ep"):
+        part = torch.as_tensor(sq[kind], device=device, dtype=torch.float32).clone()
+        if groups.size(kind) > 1:
+            dist.all_reduce(part, group=getattr(groups, kind))
+        total = total + part
+    return total.sqrt()
+
+
+def clip_gradients(params, groups, max_norm: float) -> float:
+    params = list(params)
+    norm = global_grad_norm(params, groups)
+    if max_norm > 0 and math.isfinite(float(norm)):
+        coef = max_norm / (float(norm) + 1e-6)
+        if coef < 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+    return float(norm)

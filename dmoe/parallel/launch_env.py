@@ -1,0 +1,106 @@
+"""Where this process sits in the job, whoever launched it, and joining the process group.
+
+Understood launchers: torchrun and the deepspeed launcher (RANK/WORLD_SIZE/LOCAL_RANK),
+Slurm's srun (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID), mpirun (rank discovery through
+mpi4py; OMPI_*/PMI_* variables as a fallback), and a plain `python` (one rank).
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launcher: str  # torchrun | deepspeed | slurm | mpi | single
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mpi_info() -> LaunchInfo | None:
+    if not any(k in os.environ for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")):
+        return None
+    try:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        rank, world, lrank, lworld = comm.Get_rank(), comm.Get_size(), local.Get_rank(), local.Get_size()
+        if "MASTER_ADDR" not in os.environ:
+            host = "127.0.0.1" if lworld == world else socket.gethostbyname(socket.gethostname())
+            os.environ["MASTER_ADDR"] = comm.bcast(host, root=0)
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(comm.bcast(_free_port() if rank == 0 else None, root=0))
+        return LaunchInfo(rank, world, lrank, lworld, "mpi")
+    except ImportError:
+        env = os.environ
+        return LaunchInfo(int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                          int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
+                          int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)), "mpi")
+
+
+def _slurm_master_addr() -> str:
+    nodes = os.environ.get("SLURM_JOB_NODELIST", "")
+    if int(os.environ.get("SLURM_NNODES", "1")) <= 1 or not nodes:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodes.split(",")[0]
+
+
+def detect_launch(deepspeed_launcher: bool = False) -> LaunchInfo:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "deepspeed" if deepspeed_launcher else "torchrun"
+        return LaunchInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                          int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", env["WORLD_SIZE"]))), launcher)
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env.setdefault("MASTER_ADDR", _slurm_master_addr())
+        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return LaunchInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                          int(env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"]).split("(")[0]), "slurm")
+    mpi = _mpi_info()
+    if mpi is not None:
+        return mpi
+    return LaunchInfo(0, 1, 0, 1, "single")
+
+
+def init_distributed(info: LaunchInfo, backend: str = "auto", timeout_s: int = 600) -> torch.device:
+    """Join the default process group (every launcher, world size 1 included) and pick the device."""
+    env = os.environ
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        if info.world_size > 1:
+            raise RuntimeError("MASTER_PORT is not set and the launcher did not provide one")
+        env["MASTER_PORT"] = str(_free_port())
+    env.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank))
+    use_cuda = torch.cuda.is_available()
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    device = torch.device("cpu")
+    if use_cuda:
+        device = torch.device("cuda", info.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=info.rank, world_size=info.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return device

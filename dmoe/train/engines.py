@@ -1,0 +1,128 @@
+"""Two engines behind one small interface: plain torch (torchrun, srun, mpirun, python) and
+DeepSpeed (under `deepspeed launch/train.py`: its optimizer, ZeRO 1/2, accumulation, clipping).
+
+    engine.forward(x, y) -> ModelOutput      engine.backward(loss)
+    engine.step(lr) -> grad_norm | None      (call once per micro-batch; the optimizer
+                                              steps at accumulation boundaries)
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from dmoe.config import Config
+from dmoe.parallel.grads import clip_gradients, reduce_gradients
+
+log = logging.getLogger(__name__)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; experts in groups of their own (DeepSpeed needs that)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.dim() >= 2 and "tok_emb" not in name and "pos_emb" not in name
+        expert = getattr(p, "dmoe_expert", False)
+        key = (decay, expert)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0,
+                           "name": f"{'expert' if expert else 'dense'}_{'decay' if decay else 'no_decay'}"}
+            if expert:
+                groups[key].update(moe=True)
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+class TorchEngine:
+    name = "torch"
+
+    def __init__(self, model, cfg: Config, groups):
+        self.module, self.cfg, self.groups = model, cfg, groups
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            [{k: v for k, v in g.items() if k in ("params", "weight_decay")}
+             for g in param_groups(model, cfg.train.weight_decay)],
+            lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8,
+        )
+        self.micro = 0
+
+    def forward(self, x, y):
+        return self.module(x, y)
+
+    def backward(self, loss):
+        (loss / self.cfg.train.grad_accum).backward()
+
+    def step(self, lr: float):
+        self.micro += 1
+        if self.micro % self.cfg.train.grad_accum:
+            return None
+        reduce_gradients(self.params, self.groups)
+        norm = clip_gradients(self.params, self.groups, self.cfg.train.grad_clip)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def train(self, mode=True):
+        self.module.train(mode)
+
+
+def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * dp_size,
+        "gradient_clipping": t.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": t.weight_decay, "torch_adam": True}},
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedEngine:
+    name = "deepspeed"
+
+    def __init__(self, model, cfg: Config, groups):
+        import deepspeed
+
+        from dmoe.parallel.deepspeed_groups import register_expert_groups
+
+        self.cfg = cfg
+        register_expert_groups(groups)
+        ds_groups = param_groups(model, cfg.train.weight_decay)
+        if any(g.get("moe") for g in ds_groups) and cfg.parallel.ep > 1:
+            for g in ds_groups:
+                if g.get("moe"):
+                    g["name"] = g["params"][0].group_name
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=ds_groups, config=deepspeed_config(cfg, groups.size("dp")),
+            dist_init_required=False,
+        )
+        self.module = self.engine.module
+
+    def forward(self, x, y):
+        return self.engine(x, y)
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+
+    def step(self, lr: float):
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+        self.engine.step()
+        if not boundary:
+            return None
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    def train(self, mode=True):
+        self.engine.train(mode)
