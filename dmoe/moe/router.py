@@ -2,7 +2,7 @@
 
 Shape legend: T tokens, D model dim, E experts, K top-k.
 
-The router computes in float32 whatever the activation dtype, returns the chosen experts
+The router computes in at least float32 whatever the activation dtype, returns the chosen experts
 and their gate weights, and the two auxiliary losses (Switch/GShard load balance and
 ST-MoE router z-loss) as tensors for the training loop to weight and add.
 """
@@ -61,7 +61,8 @@ class TopKRouter(nn.Module):
         if self.training and self.jitter_eps > 0:
             noise = torch.empty_like(x_TD).uniform_(1 - self.jitter_eps, 1 + self.jitter_eps)
             x_TD = x_TD * noise
-        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        dtype = torch.promote_types(x_TD.dtype, torch.float32)  # at least fp32
+        logits_TE = F.linear(x_TD.to(dtype), self.gate.weight.to(dtype))
         probs_TE = torch.softmax(logits_TE, dim=-1)
         score_TK, expert_idx_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         gate_TK = score_TK

@@ -62,11 +62,11 @@ def global_grad_norm(params, groups) -> torch.Tensor:
         if p.grad is None:
             continue
         kind = "ep" if _is_expert(p) else "tp" if getattr(p, "dmoe_tp_sharded", False) else "replicated"
-        sq[kind] = sq[kind] + p.grad.detach().float().square().sum()
+        sq[kind] = sq[kind] + p.grad.detach().double().square().sum()
     device = next(iter(params)).device if params else torch.device("cpu")
-    total = torch.as_tensor(sq["replicated"], device=device, dtype=torch.float32)
+    total = torch.as_tensor(sq["replicated"], device=device, dtype=torch.float64)
     for kind in ("tp", "ep"):
-        part = torch.as_tensor(sq[kind], device=device, dtype=torch.float32).clone()
+        part = torch.as_tensor(sq[kind], device=device, dtype=torch.float64).clone()
         if groups.size(kind) > 1:
             dist.all_reduce(part, group=getattr(groups, kind))
         total = total + part

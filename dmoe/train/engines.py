@@ -52,6 +52,9 @@ class TorchEngine:
         return self.module(x, y)
 
     def backward(self, loss):
+        if self.micro % self.cfg.train.grad_accum == 0:
+            # a new accumulation window; grads of the last step stay readable until here
+            self.optimizer.zero_grad(set_to_none=True)
         (loss / self.cfg.train.grad_accum).backward()
 
     def step(self, lr: float):
@@ -63,7 +66,6 @@ class TorchEngine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return norm
 
     def train(self, mode=True):
