@@ -114,8 +114,8 @@ class ParallelLayout:
     def describe(self) -> str:
         """Readable text of every group, e.g. for the run log or `dmoe layout`."""
         lines = [
-            f"world {self.world_size} = tp {self.tp} x dp {self.dp}; "
-            f"dp {self.dp} = ep {self.ep} x edp {self.edp} (rank = t + tp*(e + ep*d))"
+            f"world {self.world_size} = tp {self.tp} x dp {self.dp}; experts in ep {self.ep} "
+            f"shards, each held by edp {self.edp} ranks (rank = t + tp*(e + ep*d))"
         ]
         for kind in GROUP_KINDS:
             groups = self.groups(kind)
