@@ -92,6 +92,9 @@ class TrainConfig:
     run_dir: str = "runs/default"
     precision: str = choice("fp32", ["fp32", "bf16"])
     threads: int = 0  # torch threads per rank; 0: cores / local ranks
+    save_every: int = 0  # checkpoint every N steps (and at the last step); 0: off
+    resume: str = ""  # "": fresh start; "auto": latest checkpoint in run_dir; or a path
+    keep_last: int = 3  # complete checkpoints kept; 0: keep all
 
 
 @dataclass
@@ -175,6 +178,10 @@ def validate(cfg: Config) -> None:
         "train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum,
         "parallel.tp": cfg.parallel.tp, "parallel.ep": cfg.parallel.ep,
     }
+    for name in ("train.save_every", "train.keep_last"):
+        value = getattr(t, name.split(".")[1])
+        if value < 0:
+            raise ConfigError(f"{name} ({value}) must be >= 0")
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"{name} ({value}) must be >= 1")

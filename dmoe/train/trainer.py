@@ -22,6 +22,7 @@ from dmoe.model.transformer import MoETransformer
 from dmoe.parallel.launch_env import LaunchInfo
 from dmoe.parallel.layout import ParallelLayout, build_process_groups
 from dmoe.parallel.parallelize import parallelize
+from dmoe.train import checkpoint
 from dmoe.train.engines import DeepSpeedEngine, TorchEngine
 from dmoe.train.metrics import MetricsSink
 
@@ -110,6 +111,7 @@ def train(cfg: Config, info: LaunchInfo, device, engine_name: str) -> dict:
     run_dir = Path(t.run_dir)
     data = prepare_data(cfg, info)
     engine, groups, layout = build(cfg, info, device, engine_name)
+    start = checkpoint.maybe_resume(cfg, engine, groups)  # 0: fresh start
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -121,9 +123,9 @@ def train(cfg: Config, info: LaunchInfo, device, engine_name: str) -> dict:
     history, t0, window_t0 = {"val": []}, time.time(), time.time()
     try:
         val = evaluate(engine, data, cfg, groups, device)
-        history["val"].append((0, val))
-        sink.log(0, {"val_loss": val, "val_ppl": math.exp(val)}, kind="eval")
-        for step in range(1, t.steps + 1):
+        history["val"].append((start, val))
+        sink.log(start, {"val_loss": val, "val_ppl": math.exp(val)}, kind="eval")
+        for step in range(start + 1, t.steps + 1):
             outputs, lr = [], lr_at(step - 1, cfg)
             for micro in range(t.grad_accum):
                 x, y = sample_batch(data.train, t.micro_batch_size, cfg.model.seq_len, t.seed,
@@ -150,6 +152,8 @@ def train(cfg: Config, info: LaunchInfo, device, engine_name: str) -> dict:
                 val = evaluate(engine, data, cfg, groups, device)
                 history["val"].append((step, val))
                 sink.log(step, {"val_loss": val, "val_ppl": math.exp(val)}, kind="eval")
+            if t.save_every and (step % t.save_every == 0 or step == t.steps):
+                checkpoint.save_checkpoint(engine, cfg, groups, step, {"step": step, "seed": t.seed})
     finally:
         sink.close()
     summary = {
