@@ -14,36 +14,42 @@ with zero rows to send or receive.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from . import comm_trace
+from .comm_trace import CommTag
 
 
-def _exchange(x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], group):
+def _exchange(x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], group,
+              tag: CommTag | None = None):
     out_ND = x_ND.new_empty((sum(output_splits),) + tuple(x_ND.shape[1:]))
-    dist.all_to_all_single(
+    comm_trace.all_to_all_single(
         out_ND, x_ND.contiguous(), output_split_sizes=list(output_splits),
-        input_split_sizes=list(input_splits), group=group,
+        input_split_sizes=list(input_splits), group=group, tag=tag or CommTag("all_to_all"),
     )
     return out_ND
 
 
 class _AllToAll(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_ND, output_splits, input_splits, group):
-        ctx.splits, ctx.group = (list(output_splits), list(input_splits)), group
-        return _exchange(x_ND, output_splits, input_splits, group)
+    def forward(ctx, x_ND, output_splits, input_splits, group, tag=None):
+        ctx.splits, ctx.group, ctx.tag = (list(output_splits), list(input_splits)), group, tag
+        return _exchange(x_ND, output_splits, input_splits, group, tag)
 
     @staticmethod
     def backward(ctx, grad_out_ND):
         output_splits, input_splits = ctx.splits
         # Rows travelled input -> output; their gradients travel output -> input.
-        grad_x_ND = _AllToAll.apply(grad_out_ND, input_splits, output_splits, ctx.group)
-        return grad_x_ND, None, None, None
+        grad_x_ND = _AllToAll.apply(grad_out_ND, input_splits, output_splits, ctx.group, ctx.tag)
+        return grad_x_ND, None, None, None, None
 
 
 def all_to_all(
-    x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], group=None
+    x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int], group=None,
+    tag: CommTag | None = None,
 ) -> torch.Tensor:
-    """Autograd all_to_all_single with uneven splits (Python int lists, one per rank)."""
+    """Autograd all_to_all_single with uneven splits (Python int lists, one per rank).
+
+    `tag` names the call for dmoe.parallel.comm_trace (backward reuses it)."""
     if sum(input_splits) != x_ND.shape[0]:
         raise ValueError(f"input_splits sum to {sum(input_splits)}, x has {x_ND.shape[0]} rows")
-    return _AllToAll.apply(x_ND, output_splits, input_splits, group)
+    return _AllToAll.apply(x_ND, output_splits, input_splits, group, tag)

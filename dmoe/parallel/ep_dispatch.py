@@ -30,7 +30,9 @@ import torch.distributed as dist
 from dmoe.moe.dispatch import CapacitySettings, DispatchMeta, combine_rows, permute_tokens
 from dmoe.moe.router import Routing
 
+from . import comm_trace
 from .all_to_all import all_to_all
+from .comm_trace import CommTag
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class AllToAllDispatcher:
             )
         self.num_experts, self.capacity, self.ep_group = num_experts, capacity, ep_group
         self.ep, self.num_local = ep, num_experts // ep
+        self.layer_id: int | None = None  # set by the profiler: names this layer's comm events
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, training: bool):
         num_tokens = x_TD.shape[0]
@@ -78,11 +81,13 @@ class AllToAllDispatcher:
         #    recv_SL[s, l] rows arrive from rank s for my local expert l.
         send_SL = plan.counts_E.reshape(self.ep, self.num_local)
         recv_SL = torch.empty_like(send_SL)
-        dist.all_to_all_single(recv_SL, send_SL.contiguous(), group=self.ep_group)
+        comm_trace.all_to_all_single(recv_SL, send_SL.contiguous(), group=self.ep_group,
+                                     tag=CommTag("a2a_counts", self.layer_id))
         send_splits, recv_splits = send_SL.sum(1).tolist(), recv_SL.sum(1).tolist()
         # 3. Rows to their owners (uneven splits; zero rows either way is fine).
         x_recv_ND = all_to_all(
-            x_TD.index_select(0, token_idx_N), recv_splits, send_splits, self.ep_group
+            x_TD.index_select(0, token_idx_N), recv_splits, send_splits, self.ep_group,
+            CommTag("a2a_dispatch", self.layer_id),
         )
         # 4. (source, local expert) order -> local-expert-contiguous order.
         sort_N = local_expert_order(recv_SL)
@@ -105,6 +110,7 @@ class AllToAllDispatcher:
         # 6. Inverse reorder: back to (source, local expert) order.
         y_recv_ND = y_ND.index_select(0, state.unsort_N)
         # 7. Rows back to the ranks their tokens came from (splits swapped).
-        y_sent_ND = all_to_all(y_recv_ND, state.send_splits, state.recv_splits, self.ep_group)
+        y_sent_ND = all_to_all(y_recv_ND, state.send_splits, state.recv_splits, self.ep_group,
+                               CommTag("a2a_combine", self.layer_id))
         # 8. Gate-weighted sum per token, as in the local dispatcher.
         return combine_rows(y_sent_ND, meta.token_idx_N, meta.gate_N, meta.num_tokens)

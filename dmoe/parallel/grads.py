@@ -19,12 +19,16 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from . import comm_trace
+from .comm_trace import CommTag
+
 
 def _is_expert(p) -> bool:
     return getattr(p, "dmoe_expert", False)
 
 
-def _allreduce_bucketed(grads: list[torch.Tensor], group, scale: float, bucket_mb: float = 25.0):
+def _allreduce_bucketed(grads: list[torch.Tensor], group, scale: float, bucket_mb: float = 25.0,
+                        name: str = "grads"):
     limit = int(bucket_mb * 2**20)
     bucket, size = [], 0
     for g in grads + [None]:
@@ -33,7 +37,7 @@ def _allreduce_bucketed(grads: list[torch.Tensor], group, scale: float, bucket_m
             size += g.numel() * g.element_size()
         if bucket and (g is None or size >= limit):
             flat = _flatten_dense_tensors(bucket)
-            dist.all_reduce(flat, group=group)
+            comm_trace.all_reduce(flat, group=group, tag=CommTag(name))
             if scale != 1.0:
                 flat.mul_(scale)
             for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
@@ -46,13 +50,13 @@ def reduce_gradients(params, groups) -> None:
     dp = groups.size("dp")
     tp_partial = [p.grad for p in params if getattr(p, "dmoe_tp_partial", False)]
     if tp_partial and groups.size("tp") > 1:
-        _allreduce_bucketed(tp_partial, groups.tp, 1.0)
+        _allreduce_bucketed(tp_partial, groups.tp, 1.0, name="tp_partial_grads")
     dense = [p.grad for p in params if not _is_expert(p)]
     expert = [p.grad for p in params if _is_expert(p)]
     if dense and dp > 1:
-        _allreduce_bucketed(dense, groups.dp, 1.0 / dp)
+        _allreduce_bucketed(dense, groups.dp, 1.0 / dp, name="dp_grads")
     if expert and (groups.size("edp") > 1 or dp > 1):
-        _allreduce_bucketed(expert, groups.edp, 1.0 / dp)
+        _allreduce_bucketed(expert, groups.edp, 1.0 / dp, name="edp_grads")
 
 
 def global_grad_norm(params, groups) -> torch.Tensor:
@@ -68,7 +72,7 @@ def global_grad_norm(params, groups) -> torch.Tensor:
     for kind in ("tp", "ep"):
         part = torch.as_tensor(sq[kind], device=device, dtype=torch.float64).clone()
         if groups.size(kind) > 1:
-            dist.all_reduce(part, group=getattr(groups, kind))
+            comm_trace.all_reduce(part, group=getattr(groups, kind), tag=CommTag("grad_norm"))
         total = total + part
     return total.sqrt()
 

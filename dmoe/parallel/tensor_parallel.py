@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import comm_trace
+from .comm_trace import CommTag
 from .tp_collectives import (
     all_gather_ragged,
     copy_to_region,
@@ -218,7 +220,7 @@ class _VocabParallelCE(torch.autograd.Function):
         x = logits_TVl.float() if logits_TVl.element_size() < 4 else logits_TVl
         row_max_T = x.amax(dim=-1)
         if group_size(group) > 1:
-            dist.all_reduce(row_max_T, op=dist.ReduceOp.MAX, group=group)
+            comm_trace.all_reduce(row_max_T, dist.ReduceOp.MAX, group, CommTag("tp_ce_max"))
         shifted = x - row_max_T.unsqueeze(-1)
         local_T = targets_T - vocab_start
         owned_T = (local_T >= 0) & (local_T < x.shape[-1])
@@ -227,7 +229,7 @@ class _VocabParallelCE(torch.autograd.Function):
         exp = shifted.exp_()  # reuse the buffer: shifted is no longer needed
         sums_2T = torch.stack([torch.where(owned_T, target_T, 0.0), exp.sum(-1)])
         if group_size(group) > 1:
-            dist.all_reduce(sums_2T, group=group)
+            comm_trace.all_reduce(sums_2T, group=group, tag=CommTag("tp_ce_sums"))
         softmax = exp.div_(sums_2T[1].unsqueeze(-1))
         ctx.save_for_backward(softmax, idx_T, owned_T)
         ctx.in_dtype = logits_TVl.dtype

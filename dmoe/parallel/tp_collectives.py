@@ -26,6 +26,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from . import comm_trace
+from .comm_trace import CommTag
+
 
 def group_size(group) -> int:
     return dist.get_world_size(group)
@@ -39,7 +42,7 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
     if group_size(group) == 1:
         return x
     out = x.contiguous().clone()
-    dist.all_reduce(out, group=group)
+    comm_trace.all_reduce(out, group=group, tag=CommTag("tp_all_reduce"))
     return out
 
 
@@ -49,7 +52,7 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         return x
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x, group=group)
+    comm_trace.all_gather(parts, x, group=group, tag=CommTag("tp_all_gather"))
     return torch.cat(parts, dim=dim)
 
 
