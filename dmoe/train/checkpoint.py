@@ -216,10 +216,10 @@ def load_checkpoint(engine, groups, path: Path, optimizer: bool = True) -> dict:
         if entry["shape"] != spec.global_shape:
             raise CheckpointError(f"{reader.dir / MANIFEST}: {spec.name} has shape {entry['shape']}, "
                                   f"the model {spec.global_shape}")
-        spec.param.copy_(reader.read(spec.name, "param", spec.runs))
+        spec.param.copy_(reader.read(spec.name, "param", spec.rule, spec.runs))
         if optimizer and engine.name == "torch" and len(entry["states"]) > 1:
             engine.optimizer.state[spec.param] = {
-                s: reader.read(spec.name, s, spec.runs).to(spec.param.device if s != "step" else "cpu")
+                s: reader.read(spec.name, s, spec.rule, spec.runs).to(spec.param.device if s != "step" else "cpu")
                 for s in entry["states"] if s != "param"
             }
     same_layout = reader.manifest["layout"] == layout_dict(groups.layout)
@@ -233,6 +233,9 @@ def load_checkpoint(engine, groups, path: Path, optimizer: bool = True) -> dict:
 
 
 def _restore_rng(reader: CheckpointReader, rank: int) -> None:
-    torch.set_rng_state(reader.get(rank_file(rank), "rng/torch"))
-    if torch.cuda.is_available() and "rng/cuda" in reader._file(rank_file(rank)).keys():
+    """This rank's RNG states, where the checkpoint has them (offline reshards do not)."""
+    keys = set(reader.keys(rank_file(rank)))
+    if "rng/torch" in keys:
+        torch.set_rng_state(reader.get(rank_file(rank), "rng/torch"))
+    if torch.cuda.is_available() and "rng/cuda" in keys:
         torch.cuda.set_rng_state(reader.get(rank_file(rank), "rng/cuda"))

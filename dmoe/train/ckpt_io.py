@@ -129,6 +129,9 @@ class CheckpointReader:
             raise CheckpointError(f"{path}: not a safetensors file ({err})".splitlines()[0]) from None
         return self._open[name]
 
+    def keys(self, file: str) -> list[str]:
+        return list(self._file(file).keys()) if file in self.manifest["files"] else []
+
     def get(self, file: str, key: str) -> torch.Tensor:
         handle = self._file(file)
         if key not in handle.keys():
@@ -159,11 +162,10 @@ class CheckpointReader:
                                   f"{int(covered.sum())} of {full} along dim {rule.dim}")
         return out
 
-    def read(self, name: str, state: str, runs) -> torch.Tensor:
-        """This slice (runs along the rule's dim) of one state of a tensor."""
+    def read(self, name: str, state: str, rule: ShardRule | None, runs) -> torch.Tensor:
+        """This rank's slice (the reader's rule and runs) of one state of a tensor."""
         entry, key = self.entry(name), f"{state}/{name}"
-        rule = ShardRule.from_json(entry["rule"])
         for piece in entry["pieces"]:
-            if piece["runs"] == runs or state == "step":  # same layout: read the piece as is
+            if piece["runs"] == runs or state == "step":  # same cut as saved: read it as is
                 return self.get(piece["file"], key)
         return cut(self.global_tensor(name, state), rule, runs)
