@@ -50,6 +50,7 @@ def train_main(argv: list[str]) -> int:
 
     from dmoe.parallel.launch_env import init_distributed
     from dmoe.train.trainer import train
+    from dmoe.train.shard_spec import CheckpointError
 
     engine = cfg.train.engine
     if engine == "auto":
@@ -59,6 +60,9 @@ def train_main(argv: list[str]) -> int:
     device = init_distributed(info, cfg.parallel.backend)
     try:
         train(cfg, info, device, engine)
+    except CheckpointError as err:
+        sys.stderr.write(f"checkpoint error: {err}\n")  # one line: the file and the fault
+        return 2
     finally:
         import torch.distributed as dist
 
@@ -88,6 +92,15 @@ def layout_main(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": train_main, "layout": layout_main}
+
+
+def checkpoint_main(argv: list[str]) -> int:
+    from dmoe.tools.checkpoint_tools import main as checkpoint_tool
+
+    return checkpoint_tool(argv)
+
+
+COMMANDS["checkpoint"] = checkpoint_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,3 +127,33 @@ def load_exported(model: torch.nn.Module, path: str) -> None:
     really_missing = [k for k in missing if k in names]
     if really_missing or unexpected:
         raise CheckpointError(f"{path}: missing {really_missing[:4]}, unexpected {unexpected[:4]}")
+
+
+def main(argv: list[str]) -> int:
+    """`dmoe checkpoint {reshard,export} ...`; errors are one line on stderr, exit 2."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="dmoe checkpoint")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("reshard", help="write a checkpoint for another layout")
+    r.add_argument("src")
+    r.add_argument("out")
+    r.add_argument("--world-size", type=int, required=True)
+    r.add_argument("--tp", type=int, default=1)
+    r.add_argument("--ep", type=int, default=1)
+    e = sub.add_parser("export", help="one consolidated safetensors file of the model")
+    e.add_argument("src")
+    e.add_argument("out")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None)
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if a.cmd == "reshard":
+            reshard(a.src, a.out, a.world_size, a.tp, a.ep)
+        else:
+            export(a.src, a.out, a.dtype)
+    except (CheckpointError, ValueError) as err:
+        sys.stderr.write(f"checkpoint error: {err}\n")
+        return 2
+    return 0
