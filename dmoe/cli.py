@@ -91,7 +91,17 @@ def layout_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train_main, "layout": layout_main}
+def _tool(module: str):
+    """A `dmoe` subcommand implemented in dmoe.tools.<module>.main, imported on use."""
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return importlib.import_module(f"dmoe.tools.{module}").main(argv)
+    return run
+
+
+COMMANDS = {"train": train_main, "layout": layout_main, "profile": _tool("profile_cmd"),
+            "bench-comm": _tool("bench_comm"), "tune-capacity": _tool("tune_capacity")}
 
 
 def checkpoint_main(argv: list[str]) -> int:
