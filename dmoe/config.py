@@ -71,6 +71,7 @@ class DataConfig:
     bpe_vocab_size: int = 2048
     val_fraction: float = 0.05
     max_corpus_mb: float = 16.0
+    sampler: str = choice("random", ["random", "epoch"])  # epoch: each window once per epoch
 
 
 @dataclass

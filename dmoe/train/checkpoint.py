@@ -205,6 +205,11 @@ def _verify_together(reader: CheckpointReader, groups) -> None:
 @torch.no_grad()
 def load_checkpoint(engine, groups, path: Path, optimizer: bool = True) -> dict:
     """Collective (one broadcast). Fills the model, AdamW state and RNG; returns the manifest."""
+    if engine.name != "torch":
+        # DeepSpeed keeps ZeRO fp32 master partitions that a copy into the module would not
+        # reach; its checkpoints (model slices, no optimizer state) load with engine=torch.
+        raise CheckpointError(f"{path}: resuming with train.engine={engine.name} is not supported "
+                              "yet; resume with --train.engine=torch, or export the model")
     reader = CheckpointReader(Path(path))
     _verify_together(reader, groups)
     specs = param_specs(engine.module, groups)

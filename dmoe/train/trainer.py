@@ -6,6 +6,7 @@ the MoE dispatchers (all-to-all under EP), and `_mean_over_dp` for logged figure
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dmoe.config import Config, save_config
+from dmoe.data.sampler import epoch_batch
 from dmoe.data.shards import TokenData, prepare, sample_batch
 from dmoe.model.transformer import MoETransformer
 from dmoe.parallel.launch_env import LaunchInfo
@@ -120,6 +122,8 @@ def train(cfg: Config, info: LaunchInfo, device, engine_name: str) -> dict:
     sink = MetricsSink(run_dir, t.steps, enabled=info.rank == 0, console=os.environ.get("DMOE_NO_PROGRESS") != "1")
     tokens_per_step = t.micro_batch_size * t.grad_accum * cfg.model.seq_len * groups.size("dp")
     dp_rank = groups.index("dp")
+    train_batch = sample_batch if cfg.data.sampler == "random" else \
+        functools.partial(epoch_batch, dp=groups.size("dp"))
     history, t0, window_t0 = {"val": []}, time.time(), time.time()
     try:
         val = evaluate(engine, data, cfg, groups, device)
@@ -128,7 +132,7 @@ def train(cfg: Config, info: LaunchInfo, device, engine_name: str) -> dict:
         for step in range(start + 1, t.steps + 1):
             outputs, lr = [], lr_at(step - 1, cfg)
             for micro in range(t.grad_accum):
-                x, y = sample_batch(data.train, t.micro_batch_size, cfg.model.seq_len, t.seed,
+                x, y = train_batch(data.train, t.micro_batch_size, cfg.model.seq_len, t.seed,
                                     (step - 1) * t.grad_accum + micro, dp_rank)
                 out = engine.forward(x.to(device), y.to(device))
                 engine.backward(out.loss)

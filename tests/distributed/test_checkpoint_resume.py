@@ -37,10 +37,10 @@ def _losses(run_dir: Path) -> dict:
     return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
 
 
-@pytest.mark.parametrize("ep", [1, 2])
-def test_resume_is_bit_identical(tmp_path, text_dir, ep):
+@pytest.mark.parametrize("ep,sampler", [(1, "random"), (2, "random"), (2, "epoch")])
+def test_resume_is_bit_identical(tmp_path, text_dir, ep, sampler):
     common = [*TINY, f"--data.paths={text_dir}", f"--data.data_dir={tmp_path / 'data'}",
-              f"--parallel.ep={ep}"]
+              f"--parallel.ep={ep}", f"--data.sampler={sampler}"]
     full, part = tmp_path / "full", tmp_path / "part"
     run_ranks(_train, 2, args=([*common, f"--train.run_dir={full}"],))
     # the interrupted run: saves at steps 3 and 6; resuming from step 3 is "stop at 3"
