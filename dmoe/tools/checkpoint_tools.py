@@ -27,7 +27,8 @@ from dmoe.model.transformer import MLP, Attention, MoETransformer
 from dmoe.moe.experts import GroupedExperts
 from dmoe.parallel.layout import ParallelLayout
 from dmoe.train.checkpoint import layout_dict, resolve_resume
-from dmoe.train.ckpt_io import MANIFEST, CheckpointReader, fsync_dir, merge_records, rank_file, write_durable, write_tensors
+from dmoe.train.ckpt_io import (MANIFEST, CheckpointReader, fsync_dir, merge_records, rank_file,
+                                write_durable, write_tensors)
 from dmoe.train.shard_spec import CheckpointError, ShardRule, cut, is_writer, rule_runs
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,8 @@ def reshard(src: str, out: str, world_size: int, tp: int = 1, ep: int = 1) -> Pa
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    records = [{"file": rank_file(r), "rank": r, "tensors": recs, **write_tensors(tmp / rank_file(r), t)}
-               for r, (t, recs) in shards.items()]
+    records = [{"file": rank_file(r), "rank": r, "tensors": recs,
+                **write_tensors(tmp / rank_file(r), t)} for r, (t, recs) in shards.items()]
     head = {k: reader.manifest[k] for k in ("step", "engine", "data")}
     head.update(layout=layout_dict(layout), resharded_from=str(reader.dir))
     write_durable(tmp / MANIFEST, json.dumps(merge_records(records, head), indent=1).encode())
@@ -97,7 +98,8 @@ def reshard(src: str, out: str, world_size: int, tp: int = 1, ep: int = 1) -> Pa
     fsync_dir(tmp)
     os.replace(tmp, out_dir)
     fsync_dir(out_dir.parent)
-    log.info("resharded %s (%s) -> %s (%s)", reader.dir, reader.manifest["layout"], out_dir, layout_dict(layout))
+    log.info("resharded %s (%s) -> %s (%s)", reader.dir, reader.manifest["layout"], out_dir,
+             layout_dict(layout))
     return out_dir
 
 

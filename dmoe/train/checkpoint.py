@@ -40,7 +40,8 @@ import yaml
 from dmoe.config import Config
 from dmoe.parallel.layout import ParallelLayout
 
-from .ckpt_io import MANIFEST, CheckpointReader, fsync_dir, merge_records, rank_file, write_atomic, write_durable, write_tensors
+from .ckpt_io import (MANIFEST, CheckpointReader, fsync_dir, merge_records, rank_file,
+                      write_atomic, write_durable, write_tensors)
 from .shard_spec import CheckpointError, is_writer, param_specs
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,8 @@ def load_checkpoint(engine, groups, path: Path, optimizer: bool = True) -> dict:
         spec.param.copy_(reader.read(spec.name, "param", spec.rule, spec.runs))
         if optimizer and engine.name == "torch" and len(entry["states"]) > 1:
             engine.optimizer.state[spec.param] = {
-                s: reader.read(spec.name, s, spec.rule, spec.runs).to(spec.param.device if s != "step" else "cpu")
+                s: reader.read(spec.name, s, spec.rule, spec.runs).to(
+                    spec.param.device if s != "step" else "cpu")
                 for s in entry["states"] if s != "param"
             }
     same_layout = reader.manifest["layout"] == layout_dict(groups.layout)

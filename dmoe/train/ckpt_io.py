@@ -122,7 +122,8 @@ class CheckpointReader:
             raise CheckpointError(f"{path}: {size} bytes, manifest says {info['bytes']} (truncated?)")
         digest = _sha256(path)
         if digest != info["sha256"]:
-            raise CheckpointError(f"{path}: sha256 {digest[:12]}... does not match manifest {info['sha256'][:12]}...")
+            raise CheckpointError(f"{path}: sha256 {digest[:12]}... does not match manifest "
+                                  f"{info['sha256'][:12]}...")
         try:
             self._open[name] = safe_open(str(path), framework="pt")
         except Exception as err:  # noqa: BLE001 - safetensors raises its own types
