@@ -1,4 +1,5 @@
-"""`dmoe <command>`: train (what launch/train.py runs), layout, data."""
+"""`dmoe <command>`: train (what launch/train.py runs), layout, data, checkpoint, profile,
+bench-comm, tune-capacity. Each tool lives in dmoe/tools/ and is imported on use."""
 from __future__ import annotations
 
 import argparse
@@ -100,17 +101,15 @@ def _tool(module: str):
     return run
 
 
-COMMANDS = {"train": train_main, "layout": layout_main, "profile": _tool("profile_cmd"),
-            "bench-comm": _tool("bench_comm"), "tune-capacity": _tool("tune_capacity")}
-
-
-def checkpoint_main(argv: list[str]) -> int:
-    from dmoe.tools.checkpoint_tools import main as checkpoint_tool
-
-    return checkpoint_tool(argv)
-
-
-COMMANDS["checkpoint"] = checkpoint_main
+COMMANDS = {
+    "train": train_main,
+    "layout": layout_main,
+    "data": _tool("data_prepare"),
+    "checkpoint": _tool("checkpoint_tools"),
+    "profile": _tool("profile_cmd"),
+    "bench-comm": _tool("bench_comm"),
+    "tune-capacity": _tool("tune_capacity"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

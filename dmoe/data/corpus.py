@@ -15,7 +15,7 @@ from typing import Iterator
 
 log = logging.getLogger(__name__)
 
-TEXT_SUFFIXES = {".py", ".txt", ".rst", ".md", ""}
+TEXT_SUFFIXES = {".py", ".txt", ".rst", ".md", ".yaml", ".yml", ".json", ".toml", ".cfg", ".c", ".h", ""}
 
 
 @dataclass(frozen=True)
@@ -46,8 +46,11 @@ def iter_documents(paths: list[str], max_bytes: int) -> Iterator[Document]:
     for root in roots:
         if not root.exists():
             raise FileNotFoundError(f"data.paths: {root} does not exist")
-        domain = "stdlib" if not paths else root.name
         for path in _iter_files(root):
+            # domain label: the source directory given by the user; in the built-in corpus,
+            # the stdlib package a file belongs to ("stdlib" for top-level modules)
+            rel = path.relative_to(root).parts if root.is_dir() else (path.name,)
+            domain = root.name if paths else (f"stdlib/{rel[0]}" if len(rel) > 1 else "stdlib")
             try:
                 text = path.read_text(encoding="utf-8")
             except (UnicodeDecodeError, OSError):

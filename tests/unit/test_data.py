@@ -20,7 +20,10 @@ def text_dir(tmp_path):
 
 def test_builtin_corpus_is_the_stdlib():
     docs = list(iter_documents([], max_bytes=200_000))
-    assert docs and all(d.domain == "stdlib" for d in docs)
+    assert docs and all(d.domain == "stdlib" or d.domain.startswith("stdlib/") for d in docs)
+    by_name = {d.name: d.domain for d in docs}
+    assert any(dom.startswith("stdlib/") for dom in by_name.values())
+    assert all(by_name[n] == "stdlib" for n in by_name if "/" not in n)
     assert any(d.name.endswith(".py") for d in docs)
     assert sum(len(d.text) for d in docs) >= 200_000
 
@@ -69,3 +72,36 @@ def test_byte_tokenizer_round_trip_and_missing_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.paths"):
         list(iter_documents([str(tmp_path / "missing")], 100))
     assert np.all(tok.encode("a") == [97])
+
+
+def test_domain_labels_per_source_directory(tmp_path):
+    roots = []
+    for name, word in (("law", "contract "), ("bio", "protein ")):
+        root = tmp_path / name
+        root.mkdir()
+        for i in range(15):
+            (root / f"{name}{i}.txt").write_text(word * (10 + i))
+        roots.append(str(root))
+    data = TokenData.open(prepare(DataConfig(paths=roots, data_dir=str(tmp_path / "o"), val_fraction=0.3)))
+    assert data.domains == ("bio", "law")
+    for split, tokens in (("train", data.train), ("val", data.val)):
+        text = np.asarray(tokens).astype(np.uint8).tobytes().decode()
+        pos = np.arange(0, len(tokens), 7)
+        labels = data.domain_of(split, pos)
+        for p_, label in zip(pos, labels):
+            if tokens[p_] != 0:  # a document byte, not a separator
+                word = "protein" if data.domains[label] == "bio" else "contract"
+                start = text.rfind("\x00", 0, p_) + 1
+                assert text[start:].startswith(word)
+
+
+def test_dmoe_data_prepare_command(text_dir, tmp_path, capsys):
+    from dmoe.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["data", "prepare", str(text_dir), "--out", str(out), "--data.val_fraction=0.2"]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["domains"] == ["src"] and meta["documents"] == 40
+    assert "train" in capsys.readouterr().out
+    assert main(["data", "prepare", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "data.paths" in capsys.readouterr().err
