@@ -56,6 +56,14 @@ def train_main(argv: list[str]) -> int:
     engine = cfg.train.engine
     if engine == "auto":
         engine = "deepspeed" if info.launcher == "deepspeed" else "torch"
+    if engine == "deepspeed":
+        from dmoe.train.engines import check_deepspeed
+
+        try:
+            check_deepspeed(cfg)
+        except ConfigError as err:
+            sys.stderr.write(f"config error: {err}\n")
+            return 2
     local_threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // info.local_world_size)
     torch.set_num_threads(local_threads)
     device = init_distributed(info, cfg.parallel.backend)

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from dmoe.config import Config
+from dmoe.config import Config, ConfigError
 from dmoe.parallel.grads import clip_gradients, reduce_gradients
 
 log = logging.getLogger(__name__)
@@ -88,24 +88,37 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     }
 
 
+def check_deepspeed(cfg: Config) -> None:
+    """Refuse settings where DeepSpeed would train differently from dmoe's reference.
+
+    ZeRO 0 clips with `deepspeed.runtime.utils.clip_grad_norm_`, which averages each rank's
+    local norm over DP; under EP the ranks hold different expert shards, so that average is
+    not the global norm (ZeRO 1/2 sum squared partitions instead, and match exactly).
+    """
+    t, ep = cfg.train, cfg.parallel.ep
+    if t.zero_stage == 0 and ep > 1 and t.grad_clip > 0:
+        raise ConfigError(
+            f"train.zero_stage (0) with parallel.ep ({ep}) and train.grad_clip ({t.grad_clip}): "
+            "DeepSpeed's ZeRO-0 clipping norm mixes expert shards; use train.zero_stage 1 or 2"
+        )
+
+
 class DeepSpeedEngine:
+    """DeepSpeed ZeRO 1/2 reducing and clipping as dmoe.parallel.grads does: see
+    dmoe.parallel.deepspeed_groups for which DeepSpeed path handles which gradient."""
+
     name = "deepspeed"
 
     def __init__(self, model, cfg: Config, groups):
-        import deepspeed
+        from dmoe.parallel import deepspeed_groups as dsg
 
-        from dmoe.parallel.deepspeed_groups import register_expert_groups
-
+        check_deepspeed(cfg)
         self.cfg = cfg
-        register_expert_groups(groups)
-        ds_groups = param_groups(model, cfg.train.weight_decay)
-        if any(g.get("moe") for g in ds_groups) and cfg.parallel.ep > 1:
-            for g in ds_groups:
-                if g.get("moe"):
-                    g["name"] = g["params"][0].group_name
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=ds_groups, config=deepspeed_config(cfg, groups.size("dp")),
-            dist_init_required=False,
+        dsg.tag_model_parallel(model, groups)
+        self._tp_hooks = dsg.sum_tp_partial_grads(model, groups)
+        self.engine, self.optimizer = dsg.initialize(
+            model, groups, param_groups(model, cfg.train.weight_decay),
+            deepspeed_config(cfg, groups.size("dp")),
         )
         self.module = self.engine.module
 
