@@ -1,12 +1,22 @@
-"""Stacked expert FFNs run as one grouped matmul over expert-contiguous rows.
+"""Stacked expert FFNs over expert-contiguous rows.
 
-Shape legend: N rows (grouped by expert), D model dim, F expert ffn dim, E local experts.
+Shape legend: N rows (grouped by expert), D model dim, F expert ffn dim, H first-matmul
+width (F for GELU, 2F for SwiGLU), E local experts, n rows of one expert.
 
-All local experts' weights live in single tensors (w1_EDF or w13_ED2F for SwiGLU, w2_EFD).
-`grouped_mm` is one autograd node for all experts: its backward writes each expert's
-weight gradient into a slice of one stacked tensor, so backward stays O(E). (Indexing
-`w[e]` per expert under autograd would instead allocate and sum E full-size gradients.)
-Rows that were dropped or never routed are never computed: there is no padding.
+All local experts' weights live in single tensors (w1_EDH, w2_EFD). Two ways to run them:
+
+- "fused" (default): one autograd node for the whole MLP that walks the experts and runs
+  matmul -> activation -> matmul on each expert's rows while they are still in cache, then
+  the mirror image in backward. Measured on CPU (bench/moe_layer.py --experts-only) this
+  beats two grouped matmuls with a full [N, H] activation in between, because the
+  activation and its backward stream [N, H] through memory once more, and it matches a
+  per-expert F.linear loop.
+- "grouped": two grouped matmuls (`grouped_mm`) with the activation between them, either
+  a Python loop of torch.mm (`_GroupedMM`) or torch._grouped_mm.
+
+Either way each expert's weight gradient is written into a slice of one stacked tensor, so
+backward stays O(E) (indexing `w[e]` per expert under autograd would instead allocate and
+sum E full-size gradients). Rows that were dropped or never routed are never computed.
 """
 from __future__ import annotations
 
@@ -18,6 +28,7 @@ from torch import nn
 
 ACTIVATIONS = ("gelu", "swiglu")
 EXPERT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+IMPLS = ("fused", "loop", "torch_grouped_mm")
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -41,7 +52,7 @@ class _GroupedMM(torch.autograd.Function):
         grad_NO = grad_NO.contiguous()
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = torch.empty_like(x_NI) if need_x else None
-        grad_w = torch.zeros_like(w_EIO) if need_w else None
+        grad_w = _weight_grad_buffer(w_EIO, ctx.counts) if need_w else None
         start = 0
         for e, n in enumerate(ctx.counts):
             if n:
@@ -55,24 +66,114 @@ class _GroupedMM(torch.autograd.Function):
 
 
 def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Per-expert x @ w over expert-contiguous rows (Python loop of torch.mm)."""
     return _GroupedMM.apply(x_NI, w_EIO, counts)
+
+
+def torch_grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """The same through torch._grouped_mm (a C++ loop of mm on CPU; cumulative int32 offsets)."""
+    offs_E = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
+    return torch._grouped_mm(x_NI, w_EIO, offs=offs_E)
+
+
+def _weight_grad_buffer(w_EIO: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Uninitialised stacked gradient; only experts with no rows are zeroed (saves a memset)."""
+    grad_w = torch.empty_like(w_EIO)
+    for e, n in enumerate(counts):
+        if not n:
+            grad_w[e].zero_()
+    return grad_w
+
+
+def _act_forward(h_nH: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "swiglu":
+        gate_nF, up_nF = h_nH.chunk(2, dim=-1)
+        return F.silu(gate_nF) * up_nF
+    return F.gelu(h_nH)
+
+
+def _act_backward(grad_nF: torch.Tensor, h_nH: torch.Tensor, activation: str) -> torch.Tensor:
+    """d loss / d h from d loss / d act(h), in the layout of h."""
+    if activation != "swiglu":
+        return torch.ops.aten.gelu_backward(grad_nF, h_nH)
+    gate_nF, up_nF = h_nH.chunk(2, dim=-1)
+    grad_nH = torch.empty_like(h_nH)
+    torch.mul(grad_nF, F.silu(gate_nF), out=grad_nH[:, gate_nF.shape[1] :])
+    grad_nH[:, : gate_nF.shape[1]] = torch.ops.aten.silu_backward(grad_nF * up_nF, gate_nF)
+    return grad_nH
+
+
+class _ExpertMLP(torch.autograd.Function):
+    """y[rows of e] = act(x[rows of e] @ w1[e]) @ w2[e], expert by expert.
+
+    Saves each expert's pre-activation h and activation a (what autograd would save for a
+    per-expert F.linear chain), so backward recomputes nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, w1_EDH, w2_EFD, counts, activation):
+        y_ND = x_ND.new_empty(x_ND.shape[0], w2_EFD.shape[2])
+        saved_h, saved_a = [], []
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = slice(start, start + n)
+                h_nH = torch.mm(x_ND[rows], w1_EDH[e])
+                a_nF = _act_forward(h_nH, activation)
+                torch.mm(a_nF, w2_EFD[e], out=y_ND[rows])
+                saved_h.append(h_nH)
+                saved_a.append(a_nF)
+            start += n
+        # Intermediates go through save_for_backward too, so saved-tensor hooks (activation
+        # checkpointing, offload) see them.
+        ctx.save_for_backward(x_ND, w1_EDH, w2_EFD, *saved_h, *saved_a)
+        ctx.counts, ctx.activation = counts, activation
+        return y_ND
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        x_ND, w1_EDH, w2_EFD, *saved = ctx.saved_tensors
+        saved_h, saved_a = saved[: len(saved) // 2], saved[len(saved) // 2 :]
+        grad_ND = grad_ND.contiguous()
+        need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x_ND) if need_x else None
+        grad_w1 = _weight_grad_buffer(w1_EDH, ctx.counts) if need_w1 else None
+        grad_w2 = _weight_grad_buffer(w2_EFD, ctx.counts) if need_w2 else None
+        start, i = 0, 0
+        for e, n in enumerate(ctx.counts):
+            if not n:
+                continue
+            rows = slice(start, start + n)
+            h_nH, a_nF, g_nD = saved_h[i], saved_a[i], grad_ND[rows]
+            if need_w2:
+                torch.mm(a_nF.t(), g_nD, out=grad_w2[e])
+            grad_h = _act_backward(torch.mm(g_nD, w2_EFD[e].t()), h_nH, ctx.activation)
+            if need_x:
+                torch.mm(grad_h, w1_EDH[e].t(), out=grad_x[rows])
+            if need_w1:
+                torch.mm(x_ND[rows].t(), grad_h, out=grad_w1[e])
+            start, i = start + n, i + 1
+        return grad_x, grad_w1, grad_w2, None, None
 
 
 class GroupedExperts(nn.Module):
     """E expert MLPs (GELU or SwiGLU), no biases, fp32 master weights.
 
-    compute_dtype=bfloat16 casts rows and weights for the matmuls and returns fp32 rows;
-    the weights and their gradients stay fp32.
+    compute_dtype=bfloat16 casts rows and weights for the matmuls and returns rows in the
+    input dtype; the weights and their gradients stay fp32 (the casts' backward converts).
+    impl picks the formulation (see the module docstring); all give the same results.
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "gelu",
-                 compute_dtype: str = "float32"):
+                 compute_dtype: str = "float32", impl: str = "fused"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"moe.activation ({activation!r}) must be one of {ACTIVATIONS}")
         if compute_dtype not in EXPERT_DTYPES:
             raise ValueError(f"moe.expert_dtype ({compute_dtype!r}) must be one of {tuple(EXPERT_DTYPES)}")
-        self.activation, self.compute_dtype = activation, EXPERT_DTYPES[compute_dtype]
+        if impl not in IMPLS:
+            raise ValueError(f"moe.experts_impl ({impl!r}) must be one of {IMPLS}")
+        self.activation, self.compute_dtype, self.impl = activation, EXPERT_DTYPES[compute_dtype], impl
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
         width = 2 * d_ff if activation == "swiglu" else d_ff
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, width))
@@ -85,11 +186,11 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         dtype = self.compute_dtype
-        w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
-        h_NF = grouped_mm(x_ND.to(dtype), w1, counts)
-        if self.activation == "swiglu":
-            gate_NF, up_NF = h_NF.chunk(2, dim=-1)
-            h_NF = F.silu(gate_NF) * up_NF
+        x_cast, w1, w2 = x_ND.to(dtype), self.w1.to(dtype), self.w2.to(dtype)
+        if self.impl == "fused":
+            y_ND = _ExpertMLP.apply(x_cast, w1, w2, counts, self.activation)
         else:
-            h_NF = F.gelu(h_NF)
-        return grouped_mm(h_NF, w2, counts).to(x_ND.dtype)
+            mm = grouped_mm if self.impl == "loop" else torch_grouped_mm
+            h_NH = mm(x_cast, w1, counts)
+            y_ND = mm(_act_forward(h_NH, self.activation), w2, counts)
+        return y_ND.to(x_ND.dtype)

@@ -1,0 +1,334 @@
+"""Forward+backward of one MoE layer: dmoe against deepspeed.moe.layer.MoE and the "limit".
+
+    .venv/bin/python bench/moe_layer.py --quick               # 3 cases, a few minutes
+    nice .venv/bin/python bench/moe_layer.py > grid.jsonl     # the full grid (48 cases)
+    .venv/bin/python bench/moe_layer.py --quick --impls fused,loop,torch_grouped_mm
+    .venv/bin/python bench/moe_layer.py --quick --expert-dtype bfloat16 --activation swiglu
+    .venv/bin/python bench/moe_layer.py --profile --tokens 4096 --experts 128 --k 2
+
+One JSON line per case on stdout, a readable table at the end (stderr). Every
+implementation is timed in the same process, one thread, interleaved rep by rep (the
+order rotates), after a warm-up; figures are medians. "limit" is the same expert MLPs on
+exactly the rows dmoe's experts compute (all T*k routed rows when dropless, the kept rows
+otherwise), without router, dispatch or combine: the faster of a per-expert F.linear loop
+and one torch._grouped_mm per matmul. Peak memory is the high-water mark of live torch
+CPU tensor bytes during one step, above what was live when it began (parameters and
+inputs excluded, gradients included), from the profiler's allocation records.
+EP (--ep 2) is not implemented here yet.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import itertools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dmoe.moe.dispatch import CapacitySettings  # noqa: E402
+from dmoe.moe.layer import MoELayer  # noqa: E402
+
+D_MODEL, D_FF, MIN_CAPACITY = 256, 1024, 4
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class BenchExpert(nn.Module):
+    """DeepSpeed's expert for these runs: two bias-free nn.Linear with GELU (or SwiGLU).
+
+    Weights stay fp32; like dmoe's experts it casts rows and weights to `dtype` for the
+    matmuls (a no-op in float32) and hands back the input dtype.
+    """
+
+    def __init__(self, activation: str, dtype: torch.dtype):
+        super().__init__()
+        width = 2 * D_FF if activation == "swiglu" else D_FF
+        self.fc1 = nn.Linear(D_MODEL, width, bias=False)
+        self.fc2 = nn.Linear(D_FF, D_MODEL, bias=False)
+        self.activation, self.dtype = activation, dtype
+
+    def forward(self, x):
+        h = F.linear(x.to(self.dtype), self.fc1.weight.to(self.dtype))
+        return F.linear(activate(h, self.activation), self.fc2.weight.to(self.dtype)).to(x.dtype)
+
+
+def activate(h, activation):
+    if activation == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return F.gelu(h)
+
+
+def init_deepspeed():
+    """One-rank gloo group plus DeepSpeed's expert groups (MoE.set_deepspeed_parallelism)."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(name, value)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+
+
+def build_deepspeed(layer: MoELayer, k, cf, activation, dtype):
+    """DeepSpeed MoE with dmoe's router and expert weights, so both route identically.
+
+    use_rts=False and top2_2nd_expert_sampling=False: no random token selection and no
+    Gumbel noise on the second choice (dmoe has neither). Dropless = drop_tokens=False.
+    """
+    from deepspeed.moe.layer import MoE
+
+    num_experts = layer.router.num_experts
+    ds = MoE(D_MODEL, BenchExpert(activation, dtype), num_experts=num_experts, k=k,
+             capacity_factor=cf or 1.0, eval_capacity_factor=cf or 1.0, min_capacity=MIN_CAPACITY,
+             drop_tokens=cf is not None, use_rts=False, top2_2nd_expert_sampling=False)
+    with contextlib.redirect_stdout(sys.stderr):  # it prints; stdout is JSON lines only
+        ds.set_deepspeed_parallelism()
+    with torch.no_grad():
+        ds.deepspeed_moe.gate.wg.weight.copy_(layer.router.gate.weight)
+        for e, expert in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
+            expert.fc1.weight.copy_(layer.experts.w1[e].t())
+            expert.fc2.weight.copy_(layer.experts.w2[e].t())
+    return ds
+
+
+class Limit:
+    """The bare expert MLPs on `counts` rows per expert: no router, dispatch or combine."""
+
+    def __init__(self, layer: MoELayer, counts, activation, dtype, gen):
+        self.counts, self.activation, self.dtype = counts, activation, dtype
+        n = sum(counts)
+        self.x = torch.randn(n, D_MODEL, generator=gen).requires_grad_()
+        self.grad = torch.randn(n, D_MODEL, generator=gen)
+        ex = layer.experts
+        # Per-expert nn.Linear-layout weights (separate leaves, like DeepSpeed's ModuleList).
+        self.w1s = [ex.w1[e].detach().t().contiguous().requires_grad_() for e in range(ex.num_experts)]
+        self.w2s = [ex.w2[e].detach().t().contiguous().requires_grad_() for e in range(ex.num_experts)]
+        self.w1 = ex.w1.detach().clone().requires_grad_()
+        self.w2 = ex.w2.detach().clone().requires_grad_()
+        self.offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+
+    def params(self):
+        return [self.x, self.w1, self.w2, *self.w1s, *self.w2s]
+
+    def linear_loop(self):
+        dt, ys = self.dtype, []
+        for e, x_n in enumerate(self.x.split(self.counts)):
+            h = F.linear(x_n.to(dt), self.w1s[e].to(dt))
+            ys.append(F.linear(activate(h, self.activation), self.w2s[e].to(dt)))
+        torch.cat(ys).float().backward(self.grad)
+
+    def grouped(self):
+        dt = self.dtype
+        h = torch._grouped_mm(self.x.to(dt), self.w1.to(dt), offs=self.offs)
+        y = torch._grouped_mm(activate(h, self.activation), self.w2.to(dt), offs=self.offs)
+        y.float().backward(self.grad)
+
+
+def layer_step(module, x, grad, is_ds):
+    if is_ds:
+        y, aux, _ = module(x)
+    else:
+        y, stats = module(x)
+        aux = stats.aux_loss
+    # Seed backward with `grad` directly (as the limit does): no loss arithmetic is timed.
+    torch.autograd.backward((y, aux), (grad, torch.tensor(0.01)))
+    return y
+
+
+def timed(fns: dict, params: dict, warmup: int, budget_s: float, min_reps: int, max_reps: int):
+    """Interleave the callables rep by rep (rotating order); median wall and CPU seconds."""
+    names, wall, cpu = list(fns), {n: [] for n in fns}, {n: [] for n in fns}
+    reps, r = warmup + min_reps, 0
+    gc.disable()
+    try:
+        while r < reps:
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                for p in params[name]:
+                    p.grad = None
+                gc.collect()
+                t0, c0 = time.perf_counter(), time.process_time()
+                fns[name]()
+                if r >= warmup:
+                    wall[name].append(time.perf_counter() - t0)
+                    cpu[name].append(time.process_time() - c0)
+            if r == warmup:  # size the run from the first measured rep
+                slowest = max(w[-1] for w in wall.values()) * len(names)
+                reps = warmup + max(min_reps, min(max_reps, math.ceil(budget_s / slowest)))
+            r += 1
+    finally:
+        gc.enable()
+    return ({n: statistics.median(v) for n, v in wall.items()},
+            {n: statistics.median(v) for n, v in cpu.items()}, reps - warmup)
+
+
+def peak_bytes(fn, params) -> int:
+    """High-water mark of live CPU tensor bytes during fn() above the level at its start."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for p in params:
+        p.grad = None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for e in sorted(records, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def run_case(args, tokens, experts, k, cf, seed=0):
+    torch.manual_seed(seed)
+    dtype = DTYPES[args.expert_dtype]
+    gen = torch.Generator().manual_seed(seed + 1)
+    layers = {}
+    for impl in args.impls:
+        torch.manual_seed(seed)  # identical weights for every dmoe variant
+        layer = MoELayer(D_MODEL, experts, k, D_FF, CapacitySettings(cf, cf, MIN_CAPACITY, "position"),
+                         activation=args.activation, expert_dtype=args.expert_dtype)
+        layer.experts.impl = impl
+        layers[f"dmoe_{impl}" if len(args.impls) > 1 else "dmoe"] = layer
+    first = next(iter(layers.values()))
+    x = torch.randn(1, tokens, D_MODEL, generator=gen).requires_grad_()
+    grad = torch.randn(1, tokens, D_MODEL, generator=gen)
+
+    _, stats = first(x)
+    kept = stats.kept_E.tolist()
+    limit = Limit(first, kept, args.activation, dtype, gen)
+    fns, params = {}, {}
+    for name, layer in layers.items():
+        fns[name] = lambda layer=layer: layer_step(layer, x, grad, False)
+        params[name] = [x, *layer.parameters()]
+    ds = None
+    if not args.no_deepspeed:
+        ds = build_deepspeed(first, k, cf, args.activation, dtype)
+        fns["deepspeed"] = lambda: layer_step(ds, x, grad, True)
+        params["deepspeed"] = [x, *ds.parameters()]
+    fns["limit_linear"], params["limit_linear"] = limit.linear_loop, limit.params()
+    fns["limit_grouped"], params["limit_grouped"] = limit.grouped, limit.params()
+
+    wall, cpu, reps = timed(fns, params, args.warmup, args.budget, args.min_reps, args.max_reps)
+    row = dict(tokens=tokens, experts=experts, k=k, cf=cf if cf is not None else "dropless",
+               activation=args.activation, expert_dtype=args.expert_dtype, reps=reps,
+               kept_rows=sum(kept), routed_rows=tokens * k, capacity=stats.capacity,
+               threads=torch.get_num_threads())
+    limit_name = min(("limit_linear", "limit_grouped"), key=wall.get)
+    row["limit_ms"], row["limit_formulation"] = 1e3 * wall[limit_name], limit_name[6:]
+    row["limit_cpu_ms"] = 1e3 * min(cpu["limit_linear"], cpu["limit_grouped"])
+    for name in fns:
+        if name.startswith("limit"):
+            row[f"{name}_ms"] = 1e3 * wall[name]
+            continue
+        row[f"{name}_ms"], row[f"{name}_cpu_ms"] = 1e3 * wall[name], 1e3 * cpu[name]
+        row[f"{name}_tok_s"] = tokens / wall[name]
+        if not args.no_memory:
+            row[f"{name}_peak_mib"] = peak_bytes(fns[name], params[name]) / 2**20
+        if name.startswith("dmoe"):
+            row[f"{name}_overhead"] = wall[name] / wall[limit_name]
+            row[f"{name}_overhead_cpu"] = cpu[name] / min(cpu["limit_linear"], cpu["limit_grouped"])
+            if ds is not None:
+                row[f"{name}_speedup_vs_ds"] = wall["deepspeed"] / wall[name]
+    if not args.no_memory:
+        row["limit_peak_mib"] = peak_bytes(fns[limit_name], params[limit_name]) / 2**20
+    if ds is not None:
+        with torch.no_grad():  # same routing and weights: dropless outputs must agree
+            row["ds_max_abs_diff"] = (first(x)[0] - ds(x)[0]).abs().max().item()
+    return row
+
+
+def profile_case(args):
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    cf = parse_cf(args.cf[0])
+    layer = MoELayer(D_MODEL, args.experts[0], args.k[0], D_FF,
+                     CapacitySettings(cf, cf, MIN_CAPACITY, "position"), activation=args.activation,
+                     expert_dtype=args.expert_dtype)
+    x = torch.randn(1, args.tokens[0], D_MODEL).requires_grad_()
+    grad = torch.randn_like(x)
+    params = [x, *layer.parameters()]
+    for _ in range(2):
+        for p in params:
+            p.grad = None
+        layer_step(layer, x, grad, False)
+    for p in params:
+        p.grad = None
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        layer_step(layer, x, grad, False)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+
+def parse_cf(text: str):
+    return None if text in ("dropless", "none", "0") else float(text)
+
+
+def print_table(rows, impls, file=sys.stderr):
+    dm = [f"dmoe_{i}" if len(impls) > 1 else "dmoe" for i in impls]
+    head = ["T", "E", "k", "cf", "rows"] + [f"{n} ms" for n in dm] + ["DS ms", "limit ms"]
+    head += [f"{n} tok/s" for n in dm] + [f"{n}/DS" for n in dm] + [f"{n}/limit" for n in dm]
+    head += [f"{n} MiB" for n in dm] + ["DS MiB", "limit MiB"]
+    lines = [head]
+    for r in rows:
+        get = lambda key, fmt="{:.0f}": fmt.format(r[key]) if key in r else "-"  # noqa: E731
+        line = [str(r["tokens"]), str(r["experts"]), str(r["k"]), str(r["cf"]), str(r["kept_rows"])]
+        line += [get(f"{n}_ms") for n in dm] + [get("deepspeed_ms"), get("limit_ms")]
+        line += [get(f"{n}_tok_s") for n in dm]
+        line += [get(f"{n}_speedup_vs_ds", "{:.2f}x") for n in dm]
+        line += [get(f"{n}_overhead", "{:.3f}") for n in dm]
+        line += [get(f"{n}_peak_mib") for n in dm] + [get("deepspeed_peak_mib"), get("limit_peak_mib")]
+        lines.append(line)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for line in lines:
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)), file=file)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128])
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--cf", nargs="+", default=["1.0", "1.25", "2.0", "dropless"])
+    p.add_argument("--quick", action="store_true", help="3 cases at 4096 tokens")
+    p.add_argument("--impls", default="fused", help="dmoe expert formulations, comma separated")
+    p.add_argument("--activation", default="gelu", choices=["gelu", "swiglu"])
+    p.add_argument("--expert-dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--min-reps", type=int, default=5)
+    p.add_argument("--max-reps", type=int, default=15)
+    p.add_argument("--budget", type=float, default=8.0, help="seconds of timing per case")
+    p.add_argument("--no-deepspeed", action="store_true")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of dmoe's step")
+    p.add_argument("--ep", type=int, default=1)
+    args = p.parse_args(argv)
+    if args.ep != 1:
+        p.error("--ep > 1 is not implemented yet (see bench/README.md)")
+    args.impls = args.impls.split(",")
+    torch.set_num_threads(1)
+    if args.profile:
+        return profile_case(args)
+    if args.quick:
+        cases = [(4096, 8, 1, "1.25"), (4096, 32, 2, "1.0"), (4096, 128, 2, "dropless")]
+    else:
+        cases = list(itertools.product(args.tokens, args.experts, args.k, args.cf))
+    if not args.no_deepspeed:
+        init_deepspeed()
+    rows = []
+    for tokens, experts, k, cf in cases:
+        rows.append(run_case(args, tokens, experts, k, parse_cf(cf)))
+        print(json.dumps(rows[-1]), flush=True)
+    print_table(rows, args.impls)
+
+
+if __name__ == "__main__":
+    main()
