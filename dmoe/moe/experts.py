@@ -3,23 +3,29 @@
 Shape legend: N rows (grouped by expert), D model dim, F expert ffn dim, H first-matmul
 width (F for GELU, 2F for SwiGLU), E local experts, n rows of one expert.
 
-All local experts' weights live in single tensors (w1_EDH, w2_EFD). Two ways to run them:
+All local experts' weights live in single tensors (w1_EDH, w2_EFD). Three formulations, same
+results (bench/moe_layer.py --impls fused,loop,torch_grouped_mm compares them):
 
-- "fused" (default): one autograd node for the whole MLP that walks the experts and runs
-  matmul -> activation -> matmul on each expert's rows while they are still in cache, then
-  the mirror image in backward. Measured on CPU (bench/moe_layer.py --experts-only) this
-  beats two grouped matmuls with a full [N, H] activation in between, because the
-  activation and its backward stream [N, H] through memory once more, and it matches a
-  per-expert F.linear loop.
-- "grouped": two grouped matmuls (`grouped_mm`) with the activation between them, either
-  a Python loop of torch.mm (`_GroupedMM`) or torch._grouped_mm.
+- "fused": one autograd node for the whole MLP that walks the experts and runs
+  matmul -> activation -> matmul on each expert's rows, then the mirror image in backward.
+  Its temporaries are per expert, so it never allocates the [N, H] activations whole:
+  with glibc's default malloc (which page-faults every block over 32 MiB back in on each
+  step) it was 5-20% faster than the two below; with a caching malloc it ties them at
+  >= 256 rows per expert and loses ~10% at 64 rows per expert.
+- "loop": two grouped matmuls (`grouped_mm`, a Python loop of torch.mm) around one
+  activation over all rows.
+- "torch_grouped_mm": the same with torch._grouped_mm (a C++ loop of mm on CPU; fp32/bf16).
+- "auto" (default): on CPU "fused", or "torch_grouped_mm" below 128 rows per expert; on
+  other devices "loop".
 
-Either way each expert's weight gradient is written into a slice of one stacked tensor, so
+In every formulation each expert's weight gradient is written into a slice of one stacked tensor, so
 backward stays O(E) (indexing `w[e]` per expert under autograd would instead allocate and
 sum E full-size gradients). Rows that were dropped or never routed are never computed.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
 
 import torch
@@ -28,7 +34,19 @@ from torch import nn
 
 ACTIVATIONS = ("gelu", "swiglu")
 EXPERT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-IMPLS = ("fused", "loop", "torch_grouped_mm")
+IMPLS = ("auto", "fused", "loop", "torch_grouped_mm")
+# Below this many rows per expert "auto" takes torch._grouped_mm on CPU (bench/README.md).
+GROUPED_MM_MAX_ROWS_PER_EXPERT = 128
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_if_slow_bf16(cpu_capability: str) -> None:
+    """Once per process: bf16 matmuls on a CPU without BF16/AMX units ran ~50x slower than
+    fp32 in bench/moe_layer.py (AVX2 Zen 3)."""
+    if "BF16" not in cpu_capability and "AMX" not in cpu_capability:
+        log.warning("moe.expert_dtype=bfloat16 on a %s CPU: no bf16 matmul units, expect it to be "
+                    "far slower than float32", cpu_capability)
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -165,7 +183,7 @@ class GroupedExperts(nn.Module):
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "gelu",
-                 compute_dtype: str = "float32", impl: str = "fused"):
+                 compute_dtype: str = "float32", impl: str = "auto"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"moe.activation ({activation!r}) must be one of {ACTIVATIONS}")
@@ -184,13 +202,30 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w1, std=1 / math.sqrt(self.d_model))
         nn.init.normal_(self.w2, std=1 / math.sqrt(self.d_ff))
 
+    def resolve_impl(self, x_ND: torch.Tensor, counts: list[int]) -> str:
+        """"auto": on CPU, the fused node, or torch._grouped_mm for many small experts where
+        it measured faster (it takes fp32/bf16, 16-byte aligned rows, a non-empty batch);
+        elsewhere the loop of mm (unchanged from before "auto")."""
+        if self.impl != "auto":
+            return self.impl
+        if x_ND.device.type != "cpu":
+            return "loop"
+        widths = (self.d_model, self.d_ff, self.w1.shape[2])
+        grouped_ok = (self.compute_dtype in (torch.float32, torch.bfloat16) and x_ND.shape[0] > 0
+                      and all(w % 8 == 0 for w in widths))
+        small = x_ND.shape[0] < GROUPED_MM_MAX_ROWS_PER_EXPERT * max(1, len(counts))
+        return "torch_grouped_mm" if grouped_ok and small else "fused"
+
     def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         dtype = self.compute_dtype
+        if dtype == torch.bfloat16 and x_ND.device.type == "cpu":
+            _warn_if_slow_bf16(torch.backends.cpu.get_cpu_capability())
         x_cast, w1, w2 = x_ND.to(dtype), self.w1.to(dtype), self.w2.to(dtype)
-        if self.impl == "fused":
+        impl = self.resolve_impl(x_ND, counts)
+        if impl == "fused":
             y_ND = _ExpertMLP.apply(x_cast, w1, w2, counts, self.activation)
         else:
-            mm = grouped_mm if self.impl == "loop" else torch_grouped_mm
+            mm = grouped_mm if impl == "loop" else torch_grouped_mm
             h_NH = mm(x_cast, w1, counts)
             y_ND = mm(_act_forward(h_NH, self.activation), w2, counts)
         return y_ND.to(x_ND.dtype)

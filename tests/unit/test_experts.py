@@ -34,3 +34,12 @@ def test_bfloat16_compute_keeps_fp32_master_weights():
 def test_bad_impl_names_field():
     with pytest.raises(ValueError, match="moe.experts_impl"):
         GroupedExperts(2, 4, 8, impl="cuda")
+
+
+def test_auto_picks_grouped_mm_for_small_experts_and_fused_otherwise():
+    experts = GroupedExperts(4, 8, 16)
+    assert experts.resolve_impl(torch.zeros(4 * 64, 8), [64] * 4) == "torch_grouped_mm"
+    assert experts.resolve_impl(torch.zeros(4 * 512, 8), [512] * 4) == "fused"
+    assert experts.resolve_impl(torch.zeros(0, 8), [0] * 4) == "fused"  # _grouped_mm refuses empty
+    experts.compute_dtype = torch.float64  # tests run experts in fp64; _grouped_mm has no fp64
+    assert experts.resolve_impl(torch.zeros(4, 8, dtype=torch.float64), [1] * 4) == "fused"
