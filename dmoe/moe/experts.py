@@ -217,7 +217,15 @@ class GroupedExperts(nn.Module):
         return "torch_grouped_mm" if grouped_ok and small else "fused"
 
     def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        dtype = self.compute_dtype
+        device_type = x_ND.device.type
+        if torch.is_autocast_enabled(device_type):
+            # the custom autograd nodes write into preallocated outputs: give them one
+            # explicit dtype (autocast's) instead of letting autocast recast per matmul
+            with torch.autocast(device_type, enabled=False):
+                return self._forward(x_ND, counts, torch.get_autocast_dtype(device_type))
+        return self._forward(x_ND, counts, self.compute_dtype)
+
+    def _forward(self, x_ND: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
         if dtype == torch.bfloat16 and x_ND.device.type == "cpu":
             _warn_if_slow_bf16(torch.backends.cpu.get_cpu_capability())
         x_cast, w1, w2 = x_ND.to(dtype), self.w1.to(dtype), self.w2.to(dtype)

@@ -49,6 +49,10 @@ class TorchEngine:
         self.micro = 0
 
     def forward(self, x, y):
+        if self.cfg.train.precision == "bf16":
+            # bf16 activations and matmuls, fp32 weights, grads and optimizer state
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                return self.module(x, y)
         return self.module(x, y)
 
     def backward(self, loss):

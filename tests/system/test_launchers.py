@@ -69,3 +69,10 @@ def test_mpirun_two_ranks_via_mpi4py(tmp_path, data_dir):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     check_run(tmp_path, 2, "torch")
     assert json.loads((tmp_path / "summary.json").read_text())["launcher"] == "mpi"
+
+
+def test_bf16_autocast_trains(tmp_path, data_dir):
+    proc = run_cmd([sys.executable, "launch/train.py", *TINY, f"--data.data_dir={data_dir}",
+                    f"--train.run_dir={tmp_path}", "--train.precision=bf16"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_run(tmp_path, 1, "torch")
