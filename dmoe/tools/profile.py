@@ -31,6 +31,7 @@ from dmoe.data.shards import sample_batch
 from dmoe.moe.layer import MoELayer
 from dmoe.parallel import comm_trace
 from dmoe.parallel.comm_trace import CommRecorder
+from dmoe.train import checkpoint
 from dmoe.train.trainer import build, lr_at, prepare_data
 
 from .gpu_stats import GpuProbe
@@ -138,18 +139,20 @@ def profile_run(cfg: Config, info, device, engine_name: str, steps: int, out_dir
     """Runs warmup + steps (+ trace_steps) training steps; rank 0 gets the records."""
     data = prepare_data(cfg, info)
     engine, groups, layout = build(cfg, info, device, engine_name)
+    # --train.resume=PATH|auto: profile (or record routing of) a trained model, not a fresh one
+    start = checkpoint.maybe_resume(cfg, engine, groups)
     layers = instrument_moe_layers(engine.module)
     recorder = CommRecorder(groups, measure_wait=measure_wait) if record else None
     probe = GpuProbe(torch.cuda.current_device() if device.type == "cuda" else 0)
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.seq_len * groups.size("dp")
     ep_index, records, routing = groups.index("ep"), [], []
-    for step in range(1, warmup + steps + 1):
+    for step in range(start + 1, start + warmup + steps + 1):
         per_rank = _timed_step(engine, data, cfg, groups, device, step, recorder, len(layers), ep_index)
-        if step > warmup:
+        if step > start + warmup:
             gathered = _gather(per_rank, info.world_size)
             records.append(_merge(step, gathered, tokens, probe.sample(), groups))
             routing.append(torch.tensor([g["routed"] for g in gathered]))
-    trace_path = _trace(engine, data, cfg, groups, device, warmup + steps, trace_steps, out_dir, info)
+    trace_path = _trace(engine, data, cfg, groups, device, start + warmup + steps, trace_steps, out_dir, info)
     evals = None
     if eval_batches:
         evals = _gather(eval_routing(engine, data, cfg, groups, device, eval_batches).tolist(),

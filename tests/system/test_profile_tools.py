@@ -49,3 +49,17 @@ def test_bench_comm_two_ranks(tmp_path):
     rows = json.loads((tmp_path / "bench_comm.json").read_text())["rows"]
     assert [r["bytes"] for r in rows] == [4096, 16384, 65536]
     assert all(abs(r["busbw_gbps"] - r["algbw_gbps"] / 2) < 1e-9 for r in rows)
+
+
+def test_profile_a_trained_checkpoint(tmp_path, data_dir):
+    """--train.resume: routing and timings of a trained model, continuing after its step."""
+    run_dir = tmp_path / "run"
+    train = run_cmd([sys.executable, "launch/train.py", *TINY, f"--data.data_dir={data_dir}",
+                     f"--train.run_dir={run_dir}", "--train.save_every=12"])
+    assert train.returncode == 0, train.stderr[-3000:]
+    proc = run_cmd([*DMOE, "profile", "--steps", "2", "--warmup", "1", "--out", str(tmp_path / "p"),
+                    *TINY, f"--data.data_dir={data_dir}", f"--train.run_dir={run_dir}",
+                    "--train.resume=auto"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(x) for x in (tmp_path / "p" / "profile.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [14, 15]  # resumed at 12, one warmup step
