@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 
 CKPT_DIR, LATEST = "checkpoints", "latest"
 STEP_DIR = re.compile(r"^step_(\d+)$")
-OPTIM_STATES = ("exp_avg", "exp_avg_sq", "step")
 PAUSE_ENV = "DMOE_CKPT_TEST_PAUSE_S"  # tests only: sleep inside the temp-dir phase
 
 
@@ -61,13 +60,6 @@ def layout_dict(layout: ParallelLayout) -> dict:
 
 
 # ---------------------------------------------------------------- save
-def _optim_state(engine, param) -> dict:
-    if engine.name != "torch":
-        return {}  # DeepSpeed keeps flat (ZeRO-partitioned) state; see DeepSpeedEngine
-    state = engine.optimizer.state.get(param, {})
-    return {k: state[k] for k in OPTIM_STATES if k in state}
-
-
 def _rng_tensors() -> dict:
     out = {"rng/torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -76,16 +68,19 @@ def _rng_tensors() -> dict:
 
 
 def local_shard(engine, groups) -> tuple[dict, list[dict]]:
-    """The tensors this rank writes ("<state>/<name>") and their manifest records."""
+    """The tensors this rank writes ("<state>/<name>") and their manifest records.
+
+    `engine.param_states` runs for every param on every rank, writer or not: under DeepSpeed
+    ZeRO 1/2 it is a collective over the param's ZeRO group (dmoe.train.optim_state)."""
     tensors, records = _rng_tensors(), []
     for spec in param_specs(engine.module, groups):
+        states = engine.param_states(spec.param)
         if not is_writer(spec.rule, groups.layout, groups.rank):
             continue
-        states = {"param": spec.param.detach(), **_optim_state(engine, spec.param)}
         tensors.update({f"{s}/{spec.name}": v for s, v in states.items()})
         records.append({
             "name": spec.name, "shape": spec.global_shape, "runs": spec.runs,
-            "dtype": str(spec.param.dtype).removeprefix("torch."), "states": list(states),
+            "dtype": str(states["param"].dtype).removeprefix("torch."), "states": list(states),
             "rule": spec.rule.to_json() if spec.rule else None,
         })
     return tensors, records
@@ -205,12 +200,10 @@ def _verify_together(reader: CheckpointReader, groups) -> None:
 
 @torch.no_grad()
 def load_checkpoint(engine, groups, path: Path, optimizer: bool = True) -> dict:
-    """Collective (one broadcast). Fills the model, AdamW state and RNG; returns the manifest."""
-    if engine.name != "torch":
-        # DeepSpeed keeps ZeRO fp32 master partitions that a copy into the module would not
-        # reach; its checkpoints (model slices, no optimizer state) load with engine=torch.
-        raise CheckpointError(f"{path}: resuming with train.engine={engine.name} is not supported "
-                              "yet; resume with --train.engine=torch, or export the model")
+    """Collective (one broadcast). Fills the model, AdamW state and RNG; returns the manifest.
+
+    Works across engines (a DeepSpeed save resumes under torch and back): both save whole
+    fp32 tensors per slice; `engine.load_param_states` puts them where the engine keeps them."""
     reader = CheckpointReader(Path(path))
     _verify_together(reader, groups)
     specs = param_specs(engine.module, groups)
@@ -222,20 +215,16 @@ def load_checkpoint(engine, groups, path: Path, optimizer: bool = True) -> dict:
         if entry["shape"] != spec.global_shape:
             raise CheckpointError(f"{reader.dir / MANIFEST}: {spec.name} has shape {entry['shape']}, "
                                   f"the model {spec.global_shape}")
-        spec.param.copy_(reader.read(spec.name, "param", spec.rule, spec.runs))
-        if optimizer and engine.name == "torch" and len(entry["states"]) > 1:
-            engine.optimizer.state[spec.param] = {
-                s: reader.read(spec.name, s, spec.rule, spec.runs).to(
-                    spec.param.device if s != "step" else "cpu")
-                for s in entry["states"] if s != "param"
-            }
+        wanted = entry["states"] if optimizer else ["param"]
+        engine.load_param_states(spec.param, {s: reader.read(spec.name, s, spec.rule, spec.runs)
+                                              for s in wanted})
     same_layout = reader.manifest["layout"] == layout_dict(groups.layout)
     if same_layout:
         _restore_rng(reader, groups.rank)
-    if hasattr(engine, "micro"):
-        engine.micro = reader.manifest["step"] * engine.cfg.train.grad_accum
-    log.info("resumed from %s (step %d, saved under %s%s)", reader.dir, reader.manifest["step"],
-             reader.manifest["layout"], "" if same_layout else ", resharded; RNG states not restored")
+    engine.resume_at(reader.manifest["step"])
+    log.info("resumed from %s (step %d, saved under %s by engine %s%s)", reader.dir,
+             reader.manifest["step"], reader.manifest["layout"], reader.manifest.get("engine"),
+             "" if same_layout else ", resharded; RNG states not restored")
     return reader.manifest
 
 

@@ -14,6 +14,9 @@ import torch
 from dmoe.config import Config, ConfigError
 from dmoe.parallel.grads import clip_gradients, reduce_gradients
 
+from . import optim_state
+from .shard_spec import CheckpointError
+
 log = logging.getLogger(__name__)
 
 
@@ -75,6 +78,16 @@ class TorchEngine:
     def train(self, mode=True):
         self.module.train(mode)
 
+    # checkpoint state (dmoe.train.optim_state): whole tensors of one param, no communication
+    def param_states(self, param) -> dict:
+        return optim_state.torch_states(self.optimizer, param)
+
+    def load_param_states(self, param, states: dict) -> None:
+        optim_state.set_torch_states(self.optimizer, param, states)
+
+    def resume_at(self, step: int) -> None:
+        self.micro = step * self.cfg.train.grad_accum
+
 
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     t = cfg.train
@@ -98,6 +111,8 @@ def check_deepspeed(cfg: Config) -> None:
     ZeRO 0 clips with `deepspeed.runtime.utils.clip_grad_norm_`, which averages each rank's
     local norm over DP; under EP the ranks hold different expert shards, so that average is
     not the global norm (ZeRO 1/2 sum squared partitions instead, and match exactly).
+    Checkpoints read ZeRO 1/2 partitions, or a torch optimizer (ZeRO 0 in fp32); ZeRO 0 in
+    bf16 is DeepSpeed's bf16 optimizer, refused before training rather than at the first save.
     """
     t, ep = cfg.train, cfg.parallel.ep
     if t.zero_stage == 0 and ep > 1 and t.grad_clip > 0:
@@ -105,6 +120,12 @@ def check_deepspeed(cfg: Config) -> None:
             f"train.zero_stage (0) with parallel.ep ({ep}) and train.grad_clip ({t.grad_clip}): "
             "DeepSpeed's ZeRO-0 clipping norm mixes expert shards; use train.zero_stage 1 or 2"
         )
+    if t.zero_stage == 0 and t.precision == "bf16" and (t.save_every or t.resume):
+        # DeepSpeed's bf16 optimizer keeps its own flat fp32 groups that dmoe does not read
+        raise ConfigError(
+            "train.zero_stage (0) with train.precision (bf16) and "
+            f"train.save_every ({t.save_every}) or train.resume ({t.resume!r}): checkpoints "
+            "under DeepSpeed need train.zero_stage 1 or 2, or fp32")
 
 
 class DeepSpeedEngine:
@@ -145,3 +166,32 @@ class DeepSpeedEngine:
 
     def train(self, mode=True):
         self.engine.train(mode)
+
+    # checkpoint state (dmoe.train.optim_state): ZeRO 1/2 through DeepSpeed's tensor-fragment
+    # API (param_states is then a collective: call it for every param on every rank)
+    def param_states(self, param) -> dict:
+        if optim_state.is_zero_partitioned(param):
+            return optim_state.zero_states(self.optimizer, param)
+        return optim_state.torch_states(self._plain_optimizer(param), param)
+
+    def load_param_states(self, param, states: dict) -> None:
+        if optim_state.is_zero_partitioned(param):
+            optim_state.set_zero_states(self.optimizer, param, states)
+        else:
+            optim_state.set_torch_states(self._plain_optimizer(param), param, states)
+
+    def _plain_optimizer(self, param):
+        """ZeRO 0 in fp32: DeepSpeed's optimizer is the torch AdamW over the module's params."""
+        if not optim_state.holds(self.optimizer, param):
+            raise CheckpointError(
+                f"train.engine=deepspeed with train.zero_stage ({self.cfg.train.zero_stage}) and "
+                f"train.precision ({self.cfg.train.precision}): "
+                f"{type(self.optimizer).__name__} has no per-parameter state to checkpoint; "
+                "use train.zero_stage 1 or 2")
+        return self.optimizer
+
+    def resume_at(self, step: int) -> None:
+        """DeepSpeed's own counters, as after `step` optimizer steps (a step boundary)."""
+        self.engine.global_steps = step
+        self.engine.micro_steps = step * self.cfg.train.grad_accum
+        self.engine.global_samples = step * self.engine.train_batch_size()
