@@ -56,15 +56,49 @@ def _mpi_info() -> LaunchInfo | None:
                           int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)), "mpi")
 
 
+def _scontrol(*args: str) -> str:
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True).stdout
+
+
 def _slurm_master_addr() -> str:
-    nodes = os.environ.get("SLURM_JOB_NODELIST", "")
+    """The step's first node (where rank 0 runs): its host name, or, where that name does
+    not resolve (virtual nodes such as the test cluster's vn1), the NodeAddr Slurm uses."""
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
     if int(os.environ.get("SLURM_NNODES", "1")) <= 1 or not nodes:
         return "127.0.0.1"
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
-        return out.stdout.split()[0]
+        first = _scontrol("show", "hostnames", nodes).split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
         return nodes.split(",")[0]
+    try:
+        socket.getaddrinfo(first, None)
+        return first
+    except OSError:
+        pass
+    try:
+        fields = dict(f.split("=", 1) for f in _scontrol("show", "node", "-o", first).split() if "=" in f)
+        log.info("slurm node %s does not resolve; MASTER_ADDR from its NodeAddr", first)
+        return fields.get("NodeAddr") or first
+    except (OSError, subprocess.CalledProcessError):
+        return first
+
+
+def slurm_tasks_on_node(spec: str, node_id: int) -> int:
+    """Tasks on node `node_id` from Slurm's compressed per-node counts: '2(x3),1' -> 2,2,2,1."""
+    counts: list[int] = []
+    for part in spec.split(","):
+        n, _, rep = part.partition("(x")
+        counts += [int(n)] * int(rep.rstrip(")") or 1)
+    return counts[min(node_id, len(counts) - 1)]
+
+
+def _slurm_info() -> LaunchInfo:
+    env = os.environ
+    env.setdefault("MASTER_ADDR", _slurm_master_addr())
+    env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or env["SLURM_NTASKS"]
+    return LaunchInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                      slurm_tasks_on_node(spec, int(env.get("SLURM_NODEID", 0))), "slurm")
 
 
 def detect_launch(deepspeed_launcher: bool = False) -> LaunchInfo:
@@ -74,10 +108,7 @@ def detect_launch(deepspeed_launcher: bool = False) -> LaunchInfo:
         return LaunchInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                           int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", env["WORLD_SIZE"]))), launcher)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        env.setdefault("MASTER_ADDR", _slurm_master_addr())
-        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-        return LaunchInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                          int(env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"]).split("(")[0]), "slurm")
+        return _slurm_info()
     mpi = _mpi_info()
     if mpi is not None:
         return mpi
