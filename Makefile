@@ -11,7 +11,7 @@ PORT ?= 29517
 CONFIG ?= configs/default.yaml
 ARGS ?=
 
-.PHONY: setup train train-torchrun test test-fast bench clean
+.PHONY: setup system-deps train train-torchrun test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -35,7 +35,11 @@ train: setup
 train-torchrun: setup
 	$(VENV)/bin/torchrun --nproc_per_node $(NPROC) --master_port $(PORT) launch/train.py --config $(CONFIG) $(ARGS)
 
-test: setup
+# Debian packages the system tests use (Slurm); skipped when already there.
+system-deps:
+	scripts/system-deps.sh
+
+test: setup system-deps
 	$(PY) -m pytest -q
 
 test-fast: setup
