@@ -324,10 +324,16 @@ def main(argv=None):
     p.add_argument("--no-deepspeed", action="store_true")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of dmoe's step")
+    p.add_argument("--table", metavar="JSONL", help="only print the table of a saved run")
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's default (returns big blocks to the OS: page faults every step)")
     args = p.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            rows = [json.loads(line) for line in f if line.startswith("{")]
+        impls = [k[5:-6] for k in rows[0] if k.startswith("dmoe_") and k.endswith("_tok_s")]
+        return print_table(rows, impls or ["auto"], sys.stdout)
     if not args.system_malloc and os.environ.get("MALLOC_MMAP_MAX_") != "0":
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CACHING_MALLOC})
     if args.ep != 1:

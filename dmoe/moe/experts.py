@@ -10,13 +10,14 @@ results (bench/moe_layer.py --impls fused,loop,torch_grouped_mm compares them):
   matmul -> activation -> matmul on each expert's rows, then the mirror image in backward.
   Its temporaries are per expert, so it never allocates the [N, H] activations whole:
   with glibc's default malloc (which page-faults every block over 32 MiB back in on each
-  step) it was 5-20% faster than the two below; with a caching malloc it ties them at
-  >= 256 rows per expert and loses ~10% at 64 rows per expert.
+  step) it was 5-20% faster than the two below; with a caching malloc it ties or loses
+  (~10% at 64 rows per expert).
 - "loop": two grouped matmuls (`grouped_mm`, a Python loop of torch.mm) around one
   activation over all rows.
 - "torch_grouped_mm": the same with torch._grouped_mm (a C++ loop of mm on CPU; fp32/bf16).
-- "auto" (default): on CPU "fused", or "torch_grouped_mm" below 128 rows per expert; on
-  other devices "loop".
+- "auto" (default): on CPU "fused", or "torch_grouped_mm" below 256 rows per expert; on
+  other devices "loop". With a caching malloc "torch_grouped_mm" was also up to ~10% faster
+  at 512+ rows per expert, but up to 20% slower with glibc's default, hence the split.
 
 In every formulation each expert's weight gradient is written into a slice of one stacked tensor, so
 backward stays O(E) (indexing `w[e]` per expert under autograd would instead allocate and
@@ -36,7 +37,7 @@ ACTIVATIONS = ("gelu", "swiglu")
 EXPERT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 IMPLS = ("auto", "fused", "loop", "torch_grouped_mm")
 # Below this many rows per expert "auto" takes torch._grouped_mm on CPU (bench/README.md).
-GROUPED_MM_MAX_ROWS_PER_EXPERT = 128
+GROUPED_MM_MAX_ROWS_PER_EXPERT = 256
 log = logging.getLogger(__name__)
 
 
