@@ -3,24 +3,10 @@ bench-comm, tune-capacity. Each tool lives in dmoe/tools/ and is imported on use
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
-from dmoe.config import ConfigError, load_config
-
-DEFAULT_CONFIG = "configs/default.yaml"
-
-
-def setup_logging(rank: int) -> None:
-    from rich.logging import RichHandler
-
-    level = logging.INFO if rank == 0 else logging.WARNING
-    handler = RichHandler(show_path=False, markup=False, rich_tracebacks=False)
-    logging.basicConfig(level=level, format=f"[r{rank}] %(message)s" if rank else "%(message)s",
-                        handlers=[handler], force=True)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+from dmoe.runtime import DEFAULT_CONFIG, run_command
 
 
 def _split_args(argv: list[str]):
@@ -34,50 +20,13 @@ def _split_args(argv: list[str]):
 
 def train_main(argv: list[str]) -> int:
     args, overrides = _split_args(argv)
-    from dmoe.parallel.launch_env import detect_launch
 
-    info = detect_launch(deepspeed_launcher=args.local_rank is not None)
-    setup_logging(info.rank)
-    try:
-        cfg = load_config(args.config if os.path.exists(args.config) or args.config != DEFAULT_CONFIG else None,
-                          overrides)
-        from dmoe.parallel.layout import ParallelLayout
+    def body(cfg, info, device, engine):
+        from dmoe.train.trainer import train
 
-        ParallelLayout(info.world_size, tp=cfg.parallel.tp, ep=cfg.parallel.ep).validate(cfg.moe.num_experts)
-    except (ConfigError, ValueError) as err:
-        sys.stderr.write(f"config error: {err}\n")  # one plain line, whatever the console
-        return 2
-    import torch
-
-    from dmoe.parallel.launch_env import init_distributed
-    from dmoe.train.trainer import train
-    from dmoe.train.shard_spec import CheckpointError
-
-    engine = cfg.train.engine
-    if engine == "auto":
-        engine = "deepspeed" if info.launcher == "deepspeed" else "torch"
-    if engine == "deepspeed":
-        from dmoe.train.engines import check_deepspeed
-
-        try:
-            check_deepspeed(cfg)
-        except ConfigError as err:
-            sys.stderr.write(f"config error: {err}\n")
-            return 2
-    local_threads = cfg.train.threads or max(1, (os.cpu_count() or 1) // info.local_world_size)
-    torch.set_num_threads(local_threads)
-    device = init_distributed(info, cfg.parallel.backend)
-    try:
         train(cfg, info, device, engine)
-    except CheckpointError as err:
-        sys.stderr.write(f"checkpoint error: {err}\n")  # one line: the file and the fault
-        return 2
-    finally:
-        import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_command(args.config, args.local_rank, overrides, body)
 
 
 def layout_main(argv: list[str]) -> int:

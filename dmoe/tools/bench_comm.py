@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .runtime import ConfigError, base_parser, config_error, relaunch_under_torchrun, runtime
+from .runtime import base_parser, run_tool
 
 UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
 
@@ -89,14 +89,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     args, overrides = p.parse_known_args(argv)
-    if args.nproc > 1:
-        return relaunch_under_torchrun("bench-comm", argv, args.nproc)
-    try:
-        ctx = runtime(args, overrides)
-        cfg, info, device, _ = ctx.__enter__()
-    except (ConfigError, ValueError) as err:
-        return config_error(err)
-    try:
+
+    def body(cfg, info, device, engine):
         sizes = sizes_between(parse_bytes(args.min_bytes), parse_bytes(args.max_bytes))
         rows = run_bench(device, sizes, args.iters, args.warmup)
         if info.rank == 0:
@@ -105,9 +99,8 @@ def main(argv: list[str]) -> int:
             backend = dist.get_backend()
             (out / "bench_comm.json").write_text(json.dumps({"backend": backend, "rows": rows}, indent=2))
             _print(rows, backend, out)
-    finally:
-        ctx.__exit__(None, None, None)
-    return 0
+
+    return run_tool("bench-comm", argv, args, overrides, body)
 
 
 def _print(rows: list[dict], backend: str, out: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import html_report as H
 from .profile_stats import layer_table, print_tables, step_summary, write_jsonl, write_tensorboard
-from .runtime import ConfigError, base_parser, config_error, relaunch_under_torchrun, runtime
+from .runtime import base_parser, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +32,8 @@ def parser():
 
 def main(argv: list[str]) -> int:
     args, overrides = parser().parse_known_args(argv)
-    if args.nproc > 1:
-        return relaunch_under_torchrun("profile", argv, args.nproc)
-    try:
-        ctx = runtime(args, overrides)
-        cfg, info, device, engine = ctx.__enter__()
-    except (ConfigError, ValueError) as err:
-        return config_error(err)
-    try:
+
+    def body(cfg, info, device, engine):
         from .profile import profile_run
 
         out = Path(args.out or Path(cfg.train.run_dir) / "profile")
@@ -47,9 +41,8 @@ def main(argv: list[str]) -> int:
                           trace_steps=args.trace_steps, measure_wait=not args.no_wait)
         if info.rank == 0:
             write_outputs(res, out, cfg, engine)
-    finally:
-        ctx.__exit__(None, None, None)
-    return 0
+
+    return run_tool("profile", argv, args, overrides, body)
 
 
 def write_outputs(res: dict, out: Path, cfg, engine: str) -> None:

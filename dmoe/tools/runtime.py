@@ -1,6 +1,6 @@
-"""Shared start-up of the tool commands: config + overrides, launcher, threads, process group.
+"""Shared command line of the tools that run training steps: parser, --nproc, start-up.
 
-Every tool runs in-process on one rank, or under torchrun / deepspeed / srun / mpirun for
+Start-up itself is dmoe.runtime's (the same as `dmoe train`). Every tool runs in-process on one rank, or under torchrun / deepspeed / srun / mpirun for
 several (exactly like `dmoe train`); `--nproc N` re-launches the same command under
 torchrun on this machine.
 """
@@ -10,14 +10,11 @@ import argparse
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 
-from dmoe.config import ConfigError, load_config
+from dmoe.runtime import DEFAULT_CONFIG, run_command
 
 
 def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    from dmoe.cli import DEFAULT_CONFIG
-
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 epilog="any other --section.key=value is a config override")
     p.add_argument("--config", default=os.environ.get("DMOE_CONFIG", DEFAULT_CONFIG))
@@ -53,45 +50,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def load(args, overrides: list[str], info):
-    from dmoe.cli import DEFAULT_CONFIG
-    from dmoe.parallel.layout import ParallelLayout
-
-    path = args.config if os.path.exists(args.config) or args.config != DEFAULT_CONFIG else None
-    cfg = load_config(path, overrides)
-    ParallelLayout(info.world_size, tp=cfg.parallel.tp, ep=cfg.parallel.ep).validate(cfg.moe.num_experts)
-    return cfg
+def run_tool(command: str, argv: list[str], args, overrides: list[str], body) -> int:
+    """`--nproc N`: re-run under torchrun; else body(cfg, info, device, engine) on this rank."""
+    if args.nproc > 1:
+        return relaunch_under_torchrun(command, argv, args.nproc)
+    return run_command(args.config, args.local_rank, overrides, body)
 
 
-@contextmanager
-def runtime(args, overrides: list[str]):
-    """Yields (cfg, info, device, engine_name) with the process group up; tears it down.
-
-    Raises ConfigError / ValueError before anything starts, for a one-line message."""
-    import torch
-    import torch.distributed as dist
-
-    from dmoe.cli import setup_logging
-    from dmoe.parallel.launch_env import detect_launch, init_distributed
-
-    info = detect_launch(deepspeed_launcher=args.local_rank is not None)
-    setup_logging(info.rank)
-    cfg = load(args, overrides, info)
-    engine = cfg.train.engine
-    if engine == "auto":
-        engine = "deepspeed" if info.launcher == "deepspeed" else "torch"
-    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // info.local_world_size))
-    device = init_distributed(info, cfg.parallel.backend)
-    try:
-        yield cfg, info, device, engine
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def config_error(err: Exception) -> int:
-    sys.stderr.write(f"config error: {err}\n")
-    return 2
-
-
-__all__ = ["base_parser", "relaunch_under_torchrun", "runtime", "config_error", "ConfigError"]
+__all__ = ["base_parser", "relaunch_under_torchrun", "run_tool"]

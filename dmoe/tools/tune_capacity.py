@@ -26,7 +26,7 @@ import torch
 
 from dmoe.moe.drop_model import drop_fractions, kept_rows, offrank_rows, smallest_factor
 
-from .runtime import ConfigError, base_parser, config_error, relaunch_under_torchrun, runtime
+from .runtime import base_parser, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +52,16 @@ def parser():
 
 def main(argv: list[str]) -> int:
     args, overrides = parser().parse_known_args(argv)
-    if args.nproc > 1:
-        return relaunch_under_torchrun("tune-capacity", argv, args.nproc)
-    try:
-        ctx = runtime(args, overrides)
-        cfg, info, device, engine = ctx.__enter__()
-    except (ConfigError, ValueError) as err:
-        return config_error(err)
-    try:
+
+    def body(cfg, info, device, engine):
         out = Path(args.out or Path(cfg.train.run_dir) / "tune-capacity")
         result = tune(cfg, info, device, engine, args, out)
         if info.rank == 0:
             from .tune_report import write_outputs
 
             write_outputs(result, cfg, args, out)
-    finally:
-        ctx.__exit__(None, None, None)
-    return 0
+
+    return run_tool("tune-capacity", argv, args, overrides, body)
 
 
 def with_factor(cfg, factor: float, **train):
