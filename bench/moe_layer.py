@@ -5,6 +5,7 @@
     .venv/bin/python bench/moe_layer.py --quick --impls fused,loop,torch_grouped_mm
     .venv/bin/python bench/moe_layer.py --quick --expert-dtype bfloat16 --activation swiglu
     .venv/bin/python bench/moe_layer.py --profile --tokens 4096 --experts 128 --k 2
+    .venv/bin/python bench/moe_layer.py --ep 2 --tokens 4096 --experts 8 32 --cf 1.25 dropless
 
 One JSON line per case on stdout, a readable table at the end (stderr). Every
 implementation is timed in the same process, one thread, interleaved rep by rep (the
@@ -14,7 +15,7 @@ otherwise), without router, dispatch or combine: the faster of a per-expert F.li
 and one torch._grouped_mm per matmul. Peak memory is the high-water mark of live torch
 CPU tensor bytes during one step, above what was live when it began (parameters and
 inputs excluded, gradients included), from the profiler's allocation records.
-EP (--ep 2) is not implemented here yet.
+--ep 2 runs each case expert-parallel over two forked gloo ranks (bench/moe_layer_ep.py).
 """
 from __future__ import annotations
 
@@ -85,25 +86,28 @@ def init_deepspeed():
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 
 
-def build_deepspeed(layer: MoELayer, k, cf, activation, dtype):
+def build_deepspeed(layer: MoELayer, k, cf, activation, dtype, ep_size=1, first_expert=0):
     """DeepSpeed MoE with dmoe's router and expert weights, so both route identically.
 
-    use_rts=False and top2_2nd_expert_sampling=False: no random token selection and no
-    Gumbel noise on the second choice (dmoe has neither). Dropless = drop_tokens=False.
+    With ep_size > 1 it holds experts [first_expert, first_expert + E / ep_size) of the
+    full (unsharded) `layer`. use_rts=False and top2_2nd_expert_sampling=False: no random
+    token selection and no Gumbel noise on the second choice (dmoe has neither).
+    Dropless = drop_tokens=False.
     """
     from deepspeed.moe.layer import MoE
 
     num_experts = layer.router.num_experts
     ds = MoE(D_MODEL, BenchExpert(activation, dtype), num_experts=num_experts, k=k,
              capacity_factor=cf or 1.0, eval_capacity_factor=cf or 1.0, min_capacity=MIN_CAPACITY,
-             drop_tokens=cf is not None, use_rts=False, top2_2nd_expert_sampling=False)
+             drop_tokens=cf is not None, use_rts=False, top2_2nd_expert_sampling=False,
+             ep_size=ep_size)
     with contextlib.redirect_stdout(sys.stderr):  # it prints; stdout is JSON lines only
         ds.set_deepspeed_parallelism()
     with torch.no_grad():
         ds.deepspeed_moe.gate.wg.weight.copy_(layer.router.gate.weight)
         for e, expert in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
-            expert.fc1.weight.copy_(layer.experts.w1[e].t())
-            expert.fc2.weight.copy_(layer.experts.w2[e].t())
+            expert.fc1.weight.copy_(layer.experts.w1[first_expert + e].t())
+            expert.fc2.weight.copy_(layer.experts.w2[first_expert + e].t())
     return ds
 
 
@@ -325,20 +329,25 @@ def main(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of dmoe's step")
     p.add_argument("--table", metavar="JSONL", help="only print the table of a saved run")
-    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert-parallel ranks (forked, gloo); --tokens is then per rank")
     p.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's default (returns big blocks to the OS: page faults every step)")
     args = p.parse_args(argv)
     if args.table:
         with open(args.table) as f:
             rows = [json.loads(line) for line in f if line.startswith("{")]
+        if rows[0].get("ep", 1) > 1:
+            import moe_layer_ep  # bench/ is on sys.path (the script's directory)
+
+            return moe_layer_ep.print_table(rows, sys.stdout)
         impls = [k[5:-6] for k in rows[0] if k.startswith("dmoe_") and k.endswith("_tok_s")]
         return print_table(rows, impls or ["auto"], sys.stdout)
     if not args.system_malloc and os.environ.get("MALLOC_MMAP_MAX_") != "0":
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CACHING_MALLOC})
-    if args.ep != 1:
-        p.error("--ep > 1 is not implemented yet (see bench/README.md)")
     args.impls = args.impls.split(",")
+    if args.ep > 1 and (args.impls != ["auto"] or args.no_deepspeed or args.profile):
+        p.error("--ep > 1 runs dmoe (impl auto), DeepSpeed, the limit and the all-to-all alone")
     torch.set_num_threads(1)
     if args.profile:
         return profile_case(args)
@@ -346,6 +355,10 @@ def main(argv=None):
         cases = [(4096, 8, 1, "1.25"), (4096, 32, 2, "1.0"), (4096, 128, 2, "dropless")]
     else:
         cases = list(itertools.product(args.tokens, args.experts, args.k, args.cf))
+    if args.ep > 1:
+        import moe_layer_ep
+
+        return moe_layer_ep.print_table(moe_layer_ep.run(args, cases))
     if not args.no_deepspeed:
         init_deepspeed()
     rows = []
