@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from dmoe.parallel.layout import ParallelLayout, build_process_groups
 from dmoe.parallel.parallelize import parallelize
 from dmoe.tools.checkpoint_tools import main as checkpoint_cli
-from dmoe.train.checkpoint import PAUSE_ENV, latest_checkpoint, load_checkpoint, save_checkpoint
+from dmoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dmoe.train.engines import TorchEngine
 from dmoe.train.shard_spec import CheckpointError
 from tests._dist import run_ranks

@@ -1,7 +1,6 @@
 """Every layout trains like one process: loss, every gradient and the parameters after 3
 optimizer steps equal a single-process run with the same seed and global batch."""
 import pytest
-import torch
 import torch.distributed as dist
 
 from dmoe.parallel.layout import ParallelLayout, build_process_groups

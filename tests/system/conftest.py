@@ -34,3 +34,17 @@ def run_cmd(cmd, timeout=300, env_extra=None):
     env.update(env_extra or {})
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     return proc
+
+
+def run_deepspeed(nproc: int, train_args: list[str], timeout=300):
+    """`deepspeed --num_gpus N launch/train.py ARGS` on a free port; removes the /dev/shm
+    buffers the launcher's ranks leave behind (~66 MB each, never freed by DeepSpeed)."""
+    import glob
+
+    port = free_port()
+    try:
+        return run_cmd([str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
+                        "launch/train.py", *train_args], timeout=timeout)
+    finally:
+        for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+            os.remove(f)

@@ -1,12 +1,11 @@
 """Real training runs through each launcher on a tiny config (short, but end to end)."""
 import glob
 import json
-import os
 import sys
 
 import pytest
 
-from .conftest import BIN, REPO, TINY, free_port, run_cmd
+from .conftest import BIN, TINY, free_port, run_cmd, run_deepspeed
 
 pytestmark = pytest.mark.system
 
@@ -41,14 +40,8 @@ def test_torchrun_two_ranks(tmp_path, data_dir):
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_deepspeed_launcher_two_ranks(tmp_path, data_dir, zero_stage):
-    port = free_port()
-    try:
-        proc = run_cmd([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port),
-                        "launch/train.py", *TINY, f"--data.data_dir={data_dir}",
-                        f"--train.run_dir={tmp_path}", f"--train.zero_stage={zero_stage}"])
-    finally:
-        for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-            os.remove(f)
+    proc = run_deepspeed(2, [*TINY, f"--data.data_dir={data_dir}", f"--train.run_dir={tmp_path}",
+                             f"--train.zero_stage={zero_stage}"])
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     check_run(tmp_path, 2, "deepspeed")
 
