@@ -19,8 +19,9 @@ import torch  # noqa: E402
 from dmoe.config import load_config  # noqa: E402
 from dmoe.parallel import comm_trace  # noqa: E402
 from dmoe.parallel.comm_trace import CommRecorder  # noqa: E402
-from dmoe.parallel.launch_env import detect_launch, init_distributed  # noqa: E402
-from dmoe.tools.profile import train_step  # noqa: E402
+from dmoe.startup.launchers import detect_launch  # noqa: E402
+from dmoe.startup.process_group import init_distributed  # noqa: E402
+from dmoe.train.step import train_step  # noqa: E402
 from dmoe.train.trainer import build, prepare_data  # noqa: E402
 
 ROUNDS, WARMUP = 12, 2

@@ -29,14 +29,13 @@ import statistics
 import sys
 import time
 
+import moe_common as bench
 import torch
 import torch.distributed as dist
 
-from dmoe.moe.dispatch import CapacitySettings
+from dmoe.moe.dispatcher import CapacitySettings
 from dmoe.moe.layer import MoELayer
-from dmoe.parallel.expert_parallel import shard_moe_layer
-
-import moe_layer as bench
+from dmoe.parallel.expert_parallel.apply import shard_moe_layer
 
 NAMES = ("dmoe", "deepspeed", "limit", "a2a")  # limit: the faster of limit_linear, limit_grouped
 

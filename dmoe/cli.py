@@ -1,12 +1,13 @@
 """`dmoe <command>`: train (what launch/train.py runs), layout, data, checkpoint, profile,
-bench-comm, tune-capacity. Each tool lives in dmoe/tools/ and is imported on use."""
+bench-comm, tune-capacity. Each tool is one module in dmoe/tools/ named after its
+subcommand (tune-capacity: tools/tune_capacity.py), imported on use."""
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 
-from dmoe.runtime import DEFAULT_CONFIG, run_command
+from dmoe.startup.command import DEFAULT_CONFIG, run_command
 
 
 def _split_args(argv: list[str]):
@@ -21,10 +22,10 @@ def _split_args(argv: list[str]):
 def train_main(argv: list[str]) -> int:
     args, overrides = _split_args(argv)
 
-    def body(cfg, info, device, engine):
+    def body(cfg, info, device, engine_name):
         from dmoe.train.trainer import train
 
-        train(cfg, info, device, engine)
+        train(cfg, info, device, engine_name)
 
     return run_command(args.config, args.local_rank, overrides, body)
 
@@ -61,9 +62,9 @@ def _tool(module: str):
 COMMANDS = {
     "train": train_main,
     "layout": layout_main,
-    "data": _tool("data_prepare"),
-    "checkpoint": _tool("checkpoint_tools"),
-    "profile": _tool("profile_cmd"),
+    "data": _tool("data"),
+    "checkpoint": _tool("checkpoint"),
+    "profile": _tool("profile"),
     "bench-comm": _tool("bench_comm"),
     "tune-capacity": _tool("tune_capacity"),
 }

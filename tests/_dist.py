@@ -17,9 +17,8 @@ import tempfile
 import traceback
 
 import torch
-import torch.distributed as dist
-
 import torch._dynamo  # noqa: F401  (import once in the parent: forked ranks skip ~3 s)
+import torch.distributed as dist
 
 
 class RankFailed(AssertionError):

@@ -1,5 +1,6 @@
-"""Epoch-based sampling across DP ranks (data.sampler=epoch), next to the random windows
-of dmoe.data.shards.sample_batch.
+"""Batch samplers over a token array: random windows (data.sampler=random) and epochs of
+non-overlapping windows across DP ranks (data.sampler=epoch). Both are pure functions of
+(seed, step, rank) returning x, y int64 [batch, seq_len]: resumable, no loader state.
 
 The training tokens are cut into non-overlapping windows of seq_len + 1 tokens. Each epoch
 is a permutation of the windows (seeded by (seed, epoch)); step s of an epoch takes the
@@ -34,8 +35,19 @@ def epoch_window_ids(n_tokens: int, seq_len: int, batch: int, seed: int, step: i
 
 
 def epoch_batch(tokens: np.ndarray, batch: int, seq_len: int, seed: int, step: int, rank: int,
-                dp: int = 1):
+                dp: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as sample_batch (x, y int64 of [batch, seq_len]), epoch order."""
     ids = epoch_window_ids(len(tokens), seq_len, batch, seed, step, rank, dp)
     window = np.stack([tokens[w * seq_len: w * seq_len + seq_len + 1] for w in ids]).astype(np.int64)
     return torch.from_numpy(window[:, :-1]), torch.from_numpy(window[:, 1:])
+
+
+def sample_batch(tokens: np.ndarray, batch: int, seq_len: int, seed: int, step: int, rank: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows, a pure function of (seed, step, rank): resumable, no loader state."""
+    g = np.random.default_rng([seed, step, rank])
+    starts = g.integers(0, len(tokens) - seq_len - 1, size=batch)
+    window = np.stack([tokens[s : s + seq_len + 1] for s in starts]).astype(np.int64)
+    x = torch.from_numpy(window[:, :-1])
+    y = torch.from_numpy(window[:, 1:])
+    return x, y

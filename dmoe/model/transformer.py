@@ -14,17 +14,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmoe.config import Config
-from dmoe.moe.dispatch import CapacitySettings
+from dmoe.moe.dispatcher import CapacitySettings
 from dmoe.moe.layer import MoELayer, MoEStats
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0):
+def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
     angles_SR = torch.outer(torch.arange(seq_len).float(), inv_freq)
     return angles_SR.cos(), angles_SR.sin()
 
 
-def apply_rotary(x_BHSR2, cos_SR, sin_SR):
+def apply_rotary(x_BHSR2: torch.Tensor, cos_SR: torch.Tensor, sin_SR: torch.Tensor) -> torch.Tensor:
     x1, x2 = x_BHSR2[..., 0::2], x_BHSR2[..., 1::2]
     out = torch.stack((x1 * cos_SR - x2 * sin_SR, x1 * sin_SR + x2 * cos_SR), dim=-1)
     return out.flatten(-2)
@@ -48,6 +49,14 @@ class Attention(nn.Module):
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(B, S, -1))
+
+
+class CrossEntropy(nn.Module):
+    """The model's criterion slot: plain cross-entropy over full-vocabulary logits (TP swaps
+    in a vocab-parallel one, dmoe.parallel.tensor_parallel.layers)."""
+
+    def forward(self, logits_TV: torch.Tensor, targets_T: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits_TV, targets_T)
 
 
 class MLP(nn.Module):
@@ -120,8 +129,7 @@ class MoETransformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("proj.weight", "fc2.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * m.n_layers))
-        # Replaced by a vocab-parallel cross-entropy when the head is TP-sharded.
-        self.loss_fn = F.cross_entropy
+        self.criterion: nn.Module = CrossEntropy()
 
     @staticmethod
     def _init_weights(module):
@@ -145,7 +153,7 @@ class MoETransformer(nn.Module):
         logits_TV = logits.flatten(0, 1)
         if logits_TV.dtype in (torch.float16, torch.bfloat16):
             logits_TV = logits_TV.float()  # the softmax in at least fp32
-        out.ce_loss = self.loss_fn(logits_TV, targets_BS.flatten())
+        out.ce_loss = self.criterion(logits_TV, targets_BS.flatten())
         loss = out.ce_loss
         if stats:
             out.aux_loss = torch.stack([s.aux_loss for s in stats]).mean()

@@ -25,9 +25,8 @@ sum E full-size gradients). Rows that were dropped or never routed are never com
 """
 from __future__ import annotations
 
-import functools
-import logging
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -38,16 +37,14 @@ EXPERT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 IMPLS = ("auto", "fused", "loop", "torch_grouped_mm")
 # Below this many rows per expert "auto" takes torch._grouped_mm on CPU (bench/README.md).
 GROUPED_MM_MAX_ROWS_PER_EXPERT = 256
-log = logging.getLogger(__name__)
 
 
-@functools.lru_cache(maxsize=None)
 def _warn_if_slow_bf16(cpu_capability: str) -> None:
-    """Once per process: bf16 matmuls on a CPU without BF16/AMX units ran ~50x slower than
-    fp32 in bench/moe_layer.py (AVX2 Zen 3)."""
+    """bf16 matmuls on a CPU without BF16/AMX units ran ~50x slower than fp32 in
+    bench/moe_layer.py (AVX2 Zen 3). Python's warnings filter shows it once per process."""
     if "BF16" not in cpu_capability and "AMX" not in cpu_capability:
-        log.warning("moe.expert_dtype=bfloat16 on a %s CPU: no bf16 matmul units, expect it to be "
-                    "far slower than float32", cpu_capability)
+        warnings.warn(f"moe.expert_dtype=bfloat16 on a {cpu_capability} CPU: no bf16 matmul "
+                      "units, expect it to be far slower than float32", stacklevel=3)
 
 
 class _GroupedMM(torch.autograd.Function):

@@ -2,15 +2,20 @@
 
 Shape legend: B batch, S sequence, T = B*S tokens, D model dim, E experts, N kept rows.
 Communication happens only inside the dispatcher (none for LocalDispatcher).
+
+Profiling: `enable_profiling(i)` names the layer's communication events (through the
+dispatcher) and wraps its four phases in torch.profiler ranges moe{i}/route, dispatch,
+experts, combine; off by default, so a plain forward pays nothing for it.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .dispatch import CapacitySettings, LocalDispatcher
+from .dispatcher import CapacitySettings, Dispatcher, LocalDispatcher
 from .experts import GroupedExperts
 from .router import TopKRouter
 
@@ -43,13 +48,27 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(num_experts, d_model, d_ff, activation, expert_dtype)
         # Swapped for an expert-parallel dispatcher (and a shard of the experts) by
         # dmoe.parallel.parallelize; the model code never sees a process group.
-        self.dispatcher = LocalDispatcher(num_experts, capacity)
+        self.dispatcher: Dispatcher = LocalDispatcher(num_experts, capacity)
+        self.trace_name: str | None = None  # "moe{i}" while profiling
+
+    def enable_profiling(self, layer_id: int) -> None:
+        self.trace_name = f"moe{layer_id}"
+        self.dispatcher.set_layer_id(layer_id)
+
+    def _phase(self, name: str):
+        if self.trace_name is None:
+            return nullcontext()
+        return torch.profiler.record_function(f"{self.trace_name}/{name}")
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        routing = self.router(x_TD)
-        x_ND, meta = self.dispatcher.dispatch(x_TD, routing, self.training)
-        y_ND = self.experts(x_ND, meta.counts)
-        y_TD = self.dispatcher.combine(y_ND, meta)
+        with self._phase("route"):
+            routing = self.router(x_TD)
+        with self._phase("dispatch"):
+            x_ND, meta = self.dispatcher.dispatch(x_TD, routing, self.training)
+        with self._phase("experts"):
+            y_ND = self.experts(x_ND, meta.counts)
+        with self._phase("combine"):
+            y_TD = self.dispatcher.combine(y_ND, meta)
         stats = MoEStats(meta.routed_E, meta.kept_E, routing.aux_loss, routing.z_loss, meta.capacity)
         return y_TD.view_as(x_BSD), stats

@@ -6,7 +6,8 @@
         ... forward / backward / optimizer step ...
         events = recorder.end_step()            # list[CommEvent], times resolved
 
-Call sites (all_to_all.py, ep_dispatch.py, tp_collectives.py, grads.py) call the wrappers
+Call sites (expert_parallel/all_to_all.py and dispatcher.py, tensor_parallel/collectives.py
+and layers.py, grads.py) call the wrappers
 below with the same arguments as `torch.distributed` plus a `tag` naming the call
 (`CommTag("a2a_dispatch", layer=1)`). With no active recorder a wrapper is one attribute
 read and the plain collective: the measured overhead is in the README.
@@ -93,7 +94,7 @@ class CommRecorder:
         self.measure_wait = measure_wait
         self.step, self.events, self.paused = 0, [], False
 
-    def group_info(self, group) -> tuple[str, int]:
+    def group_info(self, group: dist.ProcessGroup | None) -> tuple[str, int]:
         if group is None or group is dist.GroupMember.WORLD:
             return "world", dist.get_world_size()
         return self.kinds.get(id(group), ("other", dist.get_world_size(group)))
@@ -172,8 +173,11 @@ def _wait(rec: CommRecorder, tag: CommTag, group, like: torch.Tensor) -> None:
         dist.all_reduce(probe, group=group)
 
 
-def all_to_all_single(out, inp, output_split_sizes=None, input_split_sizes=None, group=None,
-                      tag: CommTag = CommTag("all_to_all")):
+def all_to_all_single(out: torch.Tensor, inp: torch.Tensor,
+                      output_split_sizes: list[int] | None = None,
+                      input_split_sizes: list[int] | None = None,
+                      group: dist.ProcessGroup | None = None,
+                      tag: CommTag = CommTag("all_to_all")) -> None:
     rec = active()
     if rec is None:
         return dist.all_to_all_single(out, inp, output_split_sizes, input_split_sizes, group=group)
@@ -187,8 +191,9 @@ def all_to_all_single(out, inp, output_split_sizes=None, input_split_sizes=None,
         dist.all_to_all_single(out, inp, output_split_sizes, input_split_sizes, group=group)
 
 
-def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None,
-               tag: CommTag = CommTag("all_reduce")):
+def all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM,
+               group: dist.ProcessGroup | None = None,
+               tag: CommTag = CommTag("all_reduce")) -> None:
     rec = active()
     if rec is None:
         return dist.all_reduce(t, op=op, group=group)
@@ -197,8 +202,9 @@ def all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None,
         dist.all_reduce(t, op=op, group=group)
 
 
-def all_gather(parts: list[torch.Tensor], t: torch.Tensor, group=None,
-               tag: CommTag = CommTag("all_gather")):
+def all_gather(parts: list[torch.Tensor], t: torch.Tensor,
+               group: dist.ProcessGroup | None = None,
+               tag: CommTag = CommTag("all_gather")) -> None:
     rec = active()
     if rec is None:
         return dist.all_gather(parts, t, group=group)

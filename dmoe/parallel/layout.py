@@ -26,6 +26,12 @@ Example, world 8, tp 2, ep 2 (dp 4, edp 4):
 Rank 2 holds expert shard e=1, swaps tokens with rank 0, and reduces its expert grads
 with ranks 3, 6 and 7.
 
+Expert ownership lives here too: EP rank e holds the contiguous global experts
+`expert_range(e, ep, num_experts)` = [e*L, (e+1)*L), L = num_experts / ep. The model
+sharding, the all-to-all dispatcher, checkpoints and the profiling tools all ask this
+module, and the divisibility check is made here (and, for early one-line errors, in
+dmoe.config.validate).
+
 Everything here is pure except `build_process_groups`, which calls
 `torch.distributed.new_group` for every group, in the same order on every rank (torch
 requires all ranks to take part in each new_group call), and keeps only this rank's.
@@ -35,9 +41,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 
 GROUP_KINDS = ("tp", "dp", "ep", "edp")
+
+
+def expert_range(ep_rank: int, ep: int, num_experts: int) -> range:
+    """Global ids of the experts EP rank `ep_rank` of `ep` holds (contiguous blocks)."""
+    if num_experts % ep:
+        raise ValueError(f"moe.num_experts ({num_experts}) must be divisible by parallel.ep ({ep})")
+    per_rank = num_experts // ep
+    return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+
+
+def expert_owner(num_experts: int, ep: int) -> torch.Tensor:
+    """[E] the EP rank holding each global expert."""
+    per_rank = len(expert_range(0, ep, num_experts))
+    return torch.arange(num_experts) // per_rank
 
 
 @dataclass(frozen=True)
@@ -79,16 +100,22 @@ class ParallelLayout:
 
     def validate(self, num_experts: int) -> None:
         """Checks that the experts split evenly over the EP ranks."""
-        if num_experts % self.ep:
-            raise ValueError(
-                f"moe.num_experts ({num_experts}) must be divisible by parallel.ep ({self.ep})"
-            )
+        expert_range(0, self.ep, num_experts)
+
+    def local_experts(self, rank: int, num_experts: int) -> range:
+        """Global ids of the experts a global rank holds."""
+        return expert_range(self.coords(rank)[1], self.ep, num_experts)
 
     def coords(self, rank: int) -> tuple[int, int, int]:
         """(t, e, d) of a global rank: its TP index, EP index and outer DP index."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank ({rank}) must be in [0, world size ({self.world_size}))")
         return rank % self.tp, (rank // self.tp) % self.ep, rank // (self.tp * self.ep)
+
+    def shard_coords(self, kind: str, rank: int) -> tuple[int, int]:
+        """(index, count) of the shard a rank holds of a tensor split over `kind` (tp | ep)."""
+        t, e, _ = self.coords(rank)
+        return (t, self.tp) if kind == "tp" else (e, self.ep)
 
     def rank_of(self, t: int, e: int, d: int) -> int:
         return t + self.tp * (e + self.ep * d)

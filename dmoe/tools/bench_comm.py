@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .runtime import base_parser, run_tool
+from dmoe.startup.command import base_parser, run_tool
 
 UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
 
@@ -49,7 +49,8 @@ def group_sizes(world: int) -> list[int]:
     return sizes or [1]
 
 
-def time_alltoall(nbytes: int, group, n: int, device, iters: int, warmup: int) -> float:
+def time_alltoall(nbytes: int, group: dist.ProcessGroup | None, n: int, device: torch.device,
+                  iters: int, warmup: int) -> float:
     """Mean seconds per call on this rank (float32 elements, S/n bytes to each peer)."""
     count = max(n, nbytes // 4 // n * n)
     send, recv = torch.ones(count, device=device), torch.empty(count, device=device)
@@ -66,7 +67,7 @@ def time_alltoall(nbytes: int, group, n: int, device, iters: int, warmup: int) -
     return (time.perf_counter() - t0) / iters
 
 
-def run_bench(device, sizes: list[int], iters: int, warmup: int) -> list[dict]:
+def run_bench(device: torch.device, sizes: list[int], iters: int, warmup: int) -> list[dict]:
     world, rank, rows = dist.get_world_size(), dist.get_rank(), []
     for n in group_sizes(world):
         groups = [dist.new_group(list(range(s, s + n))) for s in range(0, world - world % n, n)]
@@ -90,7 +91,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--warmup", type=int, default=3)
     args, overrides = p.parse_known_args(argv)
 
-    def body(cfg, info, device, engine):
+    def body(cfg, info, device, engine_name):
         sizes = sizes_between(parse_bytes(args.min_bytes), parse_bytes(args.max_bytes))
         rows = run_bench(device, sizes, args.iters, args.warmup)
         if info.rank == 0:

@@ -24,10 +24,6 @@ class GpuProbe:
         except Exception as err:  # NVMLError_LibraryNotFound, no device, no package
             self.note = f"no GPU: {_reason(err)}"
 
-    @property
-    def available(self) -> bool:
-        return self.handle is not None
-
     def sample(self) -> dict:
         """Utilisation, memory, PCIe and NVLink throughput now; a counter that fails is left out."""
         if self.handle is None:

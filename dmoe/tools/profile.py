@@ -1,199 +1,100 @@
-"""`dmoe profile`: a short training run with every collective recorded, per step and layer.
+"""`dmoe profile --config FILE [overrides] --steps N [--nproc N]`.
 
-    result = profile_run(cfg, info, device, engine_name, steps=20, out_dir=Path(...))
+    dmoe profile --steps 20                               # one rank, in process
+    dmoe profile --steps 20 --nproc 2 --parallel.ep=2     # spawns torchrun, 2 ranks
+    torchrun --nproc_per_node 4 -m dmoe.cli profile --parallel.ep=4
 
-Each rank runs the real engine (forward, backward, optimizer step) on the real data with a
-`CommRecorder` active (dmoe.parallel.comm_trace). After each step the ranks exchange a
-small summary (all_gather_object, not recorded), and rank 0 keeps one record per step:
-wall time split into compute / all-to-all / other communication / wait, and per MoE layer
-the all-to-all time and bytes, routed and kept rows per expert. `record_routing` also keeps
-every micro-batch's per-expert counts per rank (what `dmoe tune-capacity` replays).
-
-The time split: `wait` is a timed 1-element all-reduce on the EP group just before each
-all-to-all (`measure_wait`), i.e. time spent waiting for the slowest peer to arrive (load
-imbalance, stragglers); the all-to-all after it then measures the transfer alone.
-compute = step - all-to-all - other communication - wait.
-
-After the timed steps, `trace_steps` more steps run under torch.profiler (named ranges
-moe{i}/route, dispatch, experts, combine) and rank 0 writes a Chrome/Perfetto trace.
+Writes to --out (default <train.run_dir>/profile): profile.jsonl (one record per step),
+comm per layer in it, tensorboard/, trace_rank0.json (chrome://tracing or ui.perfetto.dev),
+report.html; prints the per-layer table.
 """
 from __future__ import annotations
 
+import json
 import logging
-import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+from dmoe.startup.command import base_parser, run_tool
 
-from dmoe.config import Config
-from dmoe.data.shards import sample_batch
-from dmoe.moe.layer import MoELayer
-from dmoe.parallel import comm_trace
-from dmoe.parallel.comm_trace import CommRecorder
-from dmoe.train import checkpoint
-from dmoe.train.trainer import build, lr_at, prepare_data
-
-from .gpu_stats import GpuProbe
+from . import html_report as H
+from .profile_stats import layer_table, print_tables, step_summary, write_jsonl, write_tensorboard
 
 log = logging.getLogger(__name__)
 
 
-def instrument_moe_layers(model: torch.nn.Module) -> list[MoELayer]:
-    """Names each MoE layer's comm events (dispatcher.layer_id) and wraps its four phases
-    in record_function ranges, on the instances: the model code is untouched."""
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    for i, layer in enumerate(layers):
-        if hasattr(layer.dispatcher, "layer_id"):
-            layer.dispatcher.layer_id = i
-        _wrap(layer.router, "forward", f"moe{i}/route")
-        _wrap(layer.experts, "forward", f"moe{i}/experts")
-        _wrap(layer.dispatcher, "dispatch", f"moe{i}/dispatch")
-        _wrap(layer.dispatcher, "combine", f"moe{i}/combine")
-    return layers
+def parser():
+    p = base_parser("dmoe profile", "short instrumented training run: comm, time split, routing")
+    p.add_argument("--steps", type=int, default=10, help="profiled steps (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--trace-steps", type=int, default=2, help="extra steps under torch.profiler")
+    p.add_argument("--no-wait", action="store_true", help="no timed barrier before all-to-alls")
+    return p
 
 
-def _wrap(obj, method: str, name: str) -> None:
-    fn = getattr(obj, method)
+def main(argv: list[str]) -> int:
+    args, overrides = parser().parse_known_args(argv)
 
-    def ranged(*args, **kwargs):
-        with torch.profiler.record_function(name):
-            return fn(*args, **kwargs)
+    def body(cfg, info, device, engine_name):
+        from .profile_run import profile_run
 
-    setattr(obj, method, ranged)
+        out = Path(args.out or Path(cfg.train.run_dir) / "profile")
+        res = profile_run(cfg, info, device, engine_name, args.steps, out, warmup=args.warmup,
+                          trace_steps=args.trace_steps, measure_wait=not args.no_wait)
+        if info.rank == 0:
+            write_outputs(res, out, cfg, engine_name)
 
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def train_step(engine, data, cfg: Config, groups, device, step: int) -> list:
-    """One optimizer step of the real loop (grad_accum micro-batches); returns the outputs."""
-    t, outputs = cfg.train, []
-    lr = lr_at(step - 1, cfg)
-    for micro in range(t.grad_accum):
-        x, y = sample_batch(data.train, t.micro_batch_size, cfg.model.seq_len, t.seed,
-                            (step - 1) * t.grad_accum + micro, groups.index("dp"))
-        out = engine.forward(x.to(device), y.to(device))
-        engine.backward(out.loss)
-        engine.step(lr)
-        outputs.append(out)
-    return outputs
+    return run_tool("profile", argv, args, overrides, body)
 
 
-def _routing(outputs) -> torch.Tensor:
-    """[M, L, E] routed rows per micro-batch and layer on this rank (before drops)."""
-    return torch.stack([torch.stack([s.routed_E for s in o.moe_stats]) for o in outputs]).cpu()
+def write_outputs(res: dict, out: Path, cfg, engine_name: str) -> None:
+    from rich.console import Console
+
+    console = Console(width=None if Console().is_terminal else 130)
+    out.mkdir(parents=True, exist_ok=True)
+    records, rows, summary = res["records"], layer_table(res["records"]), step_summary(res["records"])
+    write_jsonl(records, out / "profile.jsonl")
+    write_tensorboard(records, out / "tensorboard")
+    subtitle = (f"{res['layout'].describe().splitlines()[0]}; engine {engine_name}; "
+                f"{len(records)} profiled steps of {res['tokens_per_step']} tokens")
+    (out / "report.html").write_text(H.page("dmoe profile", profile_sections(res, rows, summary), subtitle))
+    (out / "summary.json").write_text(json.dumps({"steps": summary, "layers": rows,
+                                                  "gpu": res["gpu_note"], "trace": res["trace"]}, indent=2))
+    print_tables(console, summary, rows, res["gpu_note"])
+    console.print(f"wrote {out}/report.html, profile.jsonl, tensorboard/, {Path(res['trace'] or '-').name}")
 
 
-def _kept(outputs) -> torch.Tensor:
-    return torch.stack([torch.stack([s.kept_E for s in o.moe_stats]) for o in outputs]).cpu()
-
-
-def rank_summary(events, step_s: float, outputs, num_layers: int, self_index: int) -> dict:
-    """This rank's figures for one step (plain Python: goes through all_gather_object)."""
-    a2a = [e for e in events if e.op == "all_to_all"]
-    wait = sum(e.seconds for e in events if e.op == "barrier")
-    a2a_s = sum(e.seconds for e in a2a)
-    other = sum(e.seconds for e in events if e.op not in ("all_to_all", "barrier"))
-    layers = []
-    for i in range(num_layers):
-        mine = [e for e in a2a if e.layer == i]
-        layers.append({
-            "a2a_s": sum(e.seconds for e in mine),
-            "wait_s": sum(e.seconds for e in events if e.op == "barrier" and e.layer == i),
-            "a2a_bytes": sum(e.size_bytes for e in mine),
-            "a2a_offrank_bytes": sum(sum(e.send_bytes) - e.send_bytes[self_index] for e in mine),
-        })
-    return {"step_s": step_s, "a2a_s": a2a_s, "comm_s": other, "wait_s": wait, "layers": layers,
-            "routed": _routing(outputs).tolist() if outputs and outputs[0].moe_stats else [],
-            "kept": _kept(outputs).tolist() if outputs and outputs[0].moe_stats else []}
-
-
-def _gather(obj, world: int) -> list:
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    with comm_trace.paused():
-        dist.all_gather_object(out, obj)
-    return out
-
-
-def eval_routing(engine, data, cfg: Config, groups, device, batches: int) -> torch.Tensor:
-    """[M, L, E] routed rows of `batches` held-out micro-batches in eval mode (this rank)."""
-    t, outs = cfg.train, []
-    engine.train(False)
-    with torch.no_grad():
-        for i in range(batches):
-            x, y = sample_batch(data.val, t.micro_batch_size, cfg.model.seq_len, t.seed + 1, i,
-                                groups.index("dp"))
-            outs.append(engine.forward(x.to(device), y.to(device)))
-    engine.train(True)
-    return _routing(outs)
-
-
-def profile_run(cfg: Config, info, device, engine_name: str, steps: int, out_dir: Path,
-                warmup: int = 1, trace_steps: int = 2, measure_wait: bool = True,
-                record: bool = True, eval_batches: int = 0) -> dict:
-    """Runs warmup + steps (+ trace_steps) training steps; rank 0 gets the records."""
-    data = prepare_data(cfg, info)
-    engine, groups, layout = build(cfg, info, device, engine_name)
-    # --train.resume=PATH|auto: profile (or record routing of) a trained model, not a fresh one
-    start = checkpoint.maybe_resume(cfg, engine, groups)
-    layers = instrument_moe_layers(engine.module)
-    recorder = CommRecorder(groups, measure_wait=measure_wait) if record else None
-    probe = GpuProbe(torch.cuda.current_device() if device.type == "cuda" else 0)
-    tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.seq_len * groups.size("dp")
-    ep_index, records, routing = groups.index("ep"), [], []
-    for step in range(start + 1, start + warmup + steps + 1):
-        per_rank = _timed_step(engine, data, cfg, groups, device, step, recorder, len(layers), ep_index)
-        if step > start + warmup:
-            gathered = _gather(per_rank, info.world_size)
-            records.append(_merge(step, gathered, tokens, probe.sample(), groups))
-            routing.append(torch.tensor([g["routed"] for g in gathered]))
-    trace_path = _trace(engine, data, cfg, groups, device, start + warmup + steps, trace_steps, out_dir, info)
-    evals = None
-    if eval_batches:
-        evals = _gather(eval_routing(engine, data, cfg, groups, device, eval_batches).tolist(),
-                        info.world_size)
-    return {"records": records, "routing": routing, "eval_routing": evals, "layout": layout,
-            "ep_index": _gather(ep_index, info.world_size), "gpu_note": probe.note,
-            "trace": trace_path, "num_layers": len(layers), "tokens_per_step": tokens}
-
-
-def _timed_step(engine, data, cfg, groups, device, step, recorder, num_layers, ep_index) -> dict:
-    if recorder is not None:
-        recorder.start_step(step)
-    with comm_trace.recording(recorder):
-        _sync(device)
-        t0 = time.perf_counter()
-        outputs = train_step(engine, data, cfg, groups, device, step)
-        _sync(device)
-        step_s = time.perf_counter() - t0
-    events = recorder.end_step() if recorder is not None else []
-    return rank_summary(events, step_s, outputs, num_layers, ep_index)
-
-
-def _merge(step: int, gathered: list[dict], tokens: int, gpu: dict, groups) -> dict:
-    """One step record from every rank's summary: means over ranks plus per-rank lists."""
-    from .profile_stats import merge_step
-
-    return merge_step(step, gathered, tokens, gpu, groups.size("ep"))
-
-
-def _trace(engine, data, cfg, groups, device, last_step, trace_steps, out_dir, info):
-    if trace_steps <= 0:
-        return None
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities, record_shapes=False) as prof:
-        for step in range(last_step + 1, last_step + trace_steps + 1):
-            with torch.profiler.record_function(f"step{step}"):
-                train_step(engine, data, cfg, groups, device, step)
-            _sync(device)
-    path = Path(out_dir) / f"trace_rank{info.rank}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prof.export_chrome_trace(str(path))
-    return str(path)
+def profile_sections(res: dict, rows: list[dict], summary: dict) -> list[str]:
+    records = res["records"]
+    steps = [r["step"] for r in records]
+    ms = lambda key: [r[key] * 1e3 for r in records]  # noqa: E731
+    s = summary
+    head = (f"step {s['step_s'] * 1e3:.1f} ms: compute {s['compute_s'] * 1e3:.1f}, all-to-all "
+            f"{s['a2a_s'] * 1e3:.1f}, other communication {s['comm_s'] * 1e3:.1f}, wait "
+            f"{s['wait_s'] * 1e3:.1f} ms; {s['tokens_per_s']:,.0f} tokens/s")
+    parts = [H.section("Summary", f"<p>{H.esc(head)}</p><p class='note'>{H.esc(res['gpu_note'])}</p>",
+                       H.table(["layer", "a2a ms", "wait ms", "a2a MB", "GB/s", "share", "dropped/step",
+                                "drop", "expert max/mean", "EP max/mean"],
+                               [[f"moe{r['layer']}", f"{r['a2a_ms']:.2f}", f"{r['wait_ms']:.2f}",
+                                 f"{r['a2a_mb']:.3f}", f"{r['a2a_gbps']:.3f}", f"{r['share']:.1%}",
+                                 f"{r['dropped_per_step']:.0f}", f"{r['drop_frac']:.2%}",
+                                 f"{r['load_max_over_mean']:.2f}", f"{r['ep_max_over_mean']:.2f}"] for r in rows]))]
+    breakdown = H.stacked_bars(steps, {"compute": ms("compute_s"), "all-to-all": ms("a2a_s"),
+                                       "other comm": ms("comm_s"), "wait": ms("wait_s")},
+                               "step time breakdown", "ms")
+    n_layers = len(records[0]["layers"]) if records else 0
+    per_layer = {f"moe{i}": [r["layers"][i]["a2a_s"] * 1e3 for r in records] for i in range(n_layers)}
+    drops = {f"moe{i}": [r["layers"][i]["drop_frac"] for r in records] for i in range(n_layers)}
+    loads = [[sum(r["layers"][i]["expert_load"][e] for r in records)
+              for e in range(len(records[0]["layers"][i]["expert_load"]))] for i in range(n_layers)]
+    figs = [breakdown]
+    if n_layers and len(steps) > 1:
+        figs += [H.lines(steps, per_layer, "all-to-all per MoE layer", "step", "ms"),
+                 H.lines(steps, drops, "drop fraction", "step", "dropped / routed")]
+    if n_layers:
+        figs.append(H.heatmap(loads, [f"moe{i}" for i in range(n_layers)], "expert load (routed rows)"))
+    parts.append(H.section("Plots", H.plots(*figs)))
+    if res.get("trace"):
+        parts.append(H.section("Trace", f"<p>{H.esc(Path(res['trace']).name)}: open in "
+                               "ui.perfetto.dev or chrome://tracing (ranges moe{i}/route, dispatch, "
+                               "experts, combine)</p>"))
+    return parts

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dmoe.parallel.layout import expert_owner
+
 
 def _max_over_mean(x: np.ndarray) -> float:
     mean = x.mean()
@@ -40,7 +42,7 @@ def _layers(gathered: list[dict], ep: int) -> list[dict]:
         comm = [g["layers"][i] for g in gathered]
         a2a_s = float(np.mean([c["a2a_s"] for c in comm]))
         a2a_bytes = float(np.mean([c["a2a_bytes"] for c in comm]))
-        ep_load = routed_E.reshape(ep, -1).sum(1)
+        ep_load = np.bincount(expert_owner(len(routed_E), ep).numpy(), weights=routed_E, minlength=ep)
         out.append({
             "layer": i, "a2a_s": a2a_s, "wait_s": float(np.mean([c["wait_s"] for c in comm])),
             "a2a_bytes": a2a_bytes, "a2a_offrank_bytes": float(np.mean([c["a2a_offrank_bytes"] for c in comm])),

@@ -6,7 +6,7 @@
 1. A recording run (`--steps`, the configured factor) keeps every micro-batch's routed
    rows per expert on every rank (routed_E: before drops), plus `--eval-batches` held-out
    batches in eval mode.
-2. For each factor of the grid, dmoe.moe.drop_model gives the drop fraction that routing
+2. For each factor of the grid, dmoe.moe.capacity_replay gives the drop fraction that routing
    would have had, per layer and overall, without retraining (exact for the recorded
    routing), and the all-to-all bytes it implies (kept rows whose expert is on another EP
    rank x d_model x element size x 4: dispatch + combine, forward + backward).
@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-from dmoe.moe.drop_model import drop_fractions, kept_rows, offrank_rows, smallest_factor
-
-from .runtime import base_parser, run_tool
+from dmoe.moe.capacity_replay import drop_fractions, kept_rows, offrank_rows, smallest_factor
+from dmoe.startup.command import base_parser, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +52,9 @@ def parser():
 def main(argv: list[str]) -> int:
     args, overrides = parser().parse_known_args(argv)
 
-    def body(cfg, info, device, engine):
+    def body(cfg, info, device, engine_name):
         out = Path(args.out or Path(cfg.train.run_dir) / "tune-capacity")
-        result = tune(cfg, info, device, engine, args, out)
+        result = tune(cfg, info, device, engine_name, args, out)
         if info.rank == 0:
             from .tune_report import write_outputs
 
@@ -72,24 +71,24 @@ def with_factor(cfg, factor: float, **train):
     return c
 
 
-def tune(cfg, info, device, engine: str, args, out: Path) -> dict:
-    from .profile import profile_run
+def tune(cfg, info, device, engine_name: str, args, out: Path) -> dict:
+    from .profile_run import profile_run
     from .profile_stats import step_summary
 
-    rec = profile_run(cfg, info, device, engine, args.steps, out, warmup=0, trace_steps=0,
+    rec = profile_run(cfg, info, device, engine_name, args.steps, out, warmup=0, trace_steps=0,
                       measure_wait=False, record=False, eval_batches=args.eval_batches)
     result = {"recorded_factor": cfg.moe.capacity_factor, "recorded_steps": args.steps}
     if info.rank == 0:
         result.update(predict(cfg, rec, args))
     timed = {}
     for f in args.timed_factors:
-        r = profile_run(with_factor(cfg, f), info, device, engine, args.timed_steps, out,
+        r = profile_run(with_factor(cfg, f), info, device, engine_name, args.timed_steps, out,
                         warmup=1, trace_steps=0, measure_wait=False, record=True)
         s = step_summary(r["records"])
         timed[f] = {**s, "measured_drop": _measured_drop(r["records"])}
     result["timed"] = timed
     if args.quality:
-        result["quality"] = quality_runs(cfg, info, device, engine, args, out)
+        result["quality"] = quality_runs(cfg, info, device, engine_name, args, out)
     return result
 
 
@@ -130,14 +129,14 @@ def predict(cfg, rec: dict, args) -> dict:
             "recommended": smallest_factor(args.factors, overall, args.target_drop)}
 
 
-def quality_runs(cfg, info, device, engine: str, args, out: Path) -> dict:
+def quality_runs(cfg, info, device, engine_name: str, args, out: Path) -> dict:
     from dmoe.train.trainer import train
 
     results = {}
     for f in args.quality_factors:
         steps = args.quality_steps or cfg.train.steps
         c = with_factor(cfg, f, steps=steps, eval_every=steps, run_dir=str(out / f"quality_cf{f:g}"))
-        summary = train(c, info, device, engine)
+        summary = train(c, info, device, engine_name)
         results[f] = {"val_loss": summary["val_loss_last"], "seconds": summary["seconds"], "steps": steps}
     return results
 

@@ -30,7 +30,13 @@ class MetricsSink:
         except ImportError:  # pragma: no cover - tensorboard is a dependency
             log.warning("tensorboard is not installed: no TensorBoard logs")
         if console:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self._progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

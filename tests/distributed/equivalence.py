@@ -7,8 +7,10 @@ import torch.distributed as dist
 
 from dmoe.config import load_config
 from dmoe.model.transformer import MoETransformer
-from dmoe.parallel.parallelize_tp import gather_full_tensors
+from dmoe.parallel.param_roles import is_expert
 from dmoe.train.engines import param_groups
+
+from .gather import gather_full_tensors
 
 SEED, STEPS, MICRO, SEQ, VOCAB = 7, 3, 2, 8, 32
 
@@ -44,10 +46,10 @@ def build_full_model(cfg):
 
 def full_tensors(model, groups, grads: bool) -> dict:
     """Every parameter (or grad) unsharded: TP shards gathered, then expert shards over EP."""
-    out = gather_full_tensors(model, grads=grads)
+    out = gather_full_tensors(model, groups.tp, grads=grads)
     if groups.size("ep") > 1:
         for name, p in model.named_parameters():
-            if getattr(p, "dmoe_expert", False):
+            if is_expert(p):
                 local = out[name].contiguous()
                 parts = [torch.empty_like(local) for _ in range(groups.size("ep"))]
                 dist.all_gather(parts, local, group=groups.ep)

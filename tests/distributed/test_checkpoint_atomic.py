@@ -13,12 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dmoe.checkpoint.commit import latest_checkpoint
+from dmoe.checkpoint.errors import CheckpointError
+from dmoe.checkpoint.load import load_checkpoint
+from dmoe.checkpoint.save import save_checkpoint
 from dmoe.parallel.layout import ParallelLayout, build_process_groups
 from dmoe.parallel.parallelize import parallelize
-from dmoe.tools.checkpoint_tools import main as checkpoint_cli
-from dmoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dmoe.tools.checkpoint import main as checkpoint_cli
 from dmoe.train.engines import TorchEngine
-from dmoe.train.shard_spec import CheckpointError
 from tests._dist import run_ranks
 
 from .equivalence import batch, build_full_model, tiny_config
@@ -26,10 +28,11 @@ from .equivalence import batch, build_full_model, tiny_config
 REPO = Path(__file__).resolve().parents[2]
 
 SAVER = textwrap.dedent("""
-    import os, sys, torch, torch.distributed as dist
+    import sys, time, torch, torch.distributed as dist
     from safetensors.torch import save_file
     from tests.distributed.test_checkpoint_atomic import _engine, _step
-    from dmoe.train.checkpoint import PAUSE_ENV, save_checkpoint
+    from dmoe.checkpoint import save
+    from dmoe.checkpoint.save import save_checkpoint
     run_dir = sys.argv[1]
     dist.init_process_group("gloo", store=dist.FileStore(run_dir + "/store", 1), rank=0, world_size=1)
     cfg, groups, engine = _engine(0, 1, run_dir)
@@ -37,7 +40,7 @@ SAVER = textwrap.dedent("""
     save_checkpoint(engine, cfg, groups, step=1)
     save_file({n: p.detach() for n, p in engine.module.named_parameters()}, run_dir + "/expected.safetensors")
     _step(engine, groups, 1)
-    os.environ[PAUSE_ENV] = "120"  # hangs inside the temp dir of step 2 until killed
+    save.commit = lambda *args, **kwargs: time.sleep(120)  # hangs inside the temp dir of step 2 until killed
     save_checkpoint(engine, cfg, groups, step=2)
 """)
 

@@ -1,6 +1,6 @@
 """Checkpoints under the DeepSpeed engine (ZeRO 1 and 2), in dmoe's own format: the fp32
 masters and AdamW moments come out of (and go back into) ZeRO's flat partitions through
-DeepSpeed's tensor-fragment API (dmoe.train.optim_state).
+DeepSpeed's tensor-fragment API (dmoe.checkpoint.optimizer_state).
 
 1. Exact resume through the real training loop (float32): train 3 steps, save, continue
    3 steps; a fresh run resumed from the step-3 checkpoint gives bit-identical losses.
@@ -18,19 +18,20 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from dmoe.checkpoint.load import load_checkpoint
+from dmoe.checkpoint.save import save_checkpoint
 from dmoe.config import load_config
 from dmoe.model.transformer import MoETransformer
-from dmoe.parallel.launch_env import LaunchInfo
 from dmoe.parallel.layout import ParallelLayout, build_process_groups
 from dmoe.parallel.parallelize import parallelize
-from dmoe.train.checkpoint import load_checkpoint, save_checkpoint
+from dmoe.startup.launchers import LaunchInfo
 from dmoe.train.engines import DeepSpeedEngine, TorchEngine
 from dmoe.train.trainer import train
 from tests._dist import run_ranks
 
 from .equivalence import SEED, full_tensors, tiny_config
-from .test_checkpoint_resume import TINY, _losses, text_dir  # noqa: F401  (fixture)
 from .test_checkpoint_reshard import _global_batch
+from .test_checkpoint_resume import TINY, _losses, text_dir  # noqa: F401  (fixture)
 from .test_deepspeed_equivalence import _deepspeed_env
 
 deepspeed = pytest.importorskip("deepspeed")  # imported once in the parent: ranks fork with it

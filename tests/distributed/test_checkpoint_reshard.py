@@ -9,15 +9,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from dmoe.checkpoint.load import load_checkpoint
+from dmoe.checkpoint.offline import export, reshard
+from dmoe.checkpoint.save import save_checkpoint
+from dmoe.checkpoint.slices import cut, param_slices
 from dmoe.parallel.layout import ParallelLayout, build_process_groups
 from dmoe.parallel.parallelize import parallelize
-from dmoe.tools.checkpoint_tools import export, load_exported, plan_rules, reshard
-from dmoe.train.checkpoint import load_checkpoint, save_checkpoint
 from dmoe.train.engines import TorchEngine
-from dmoe.train.shard_spec import param_specs
 from tests._dist import run_ranks
 
 from .equivalence import SEQ, VOCAB, build_full_model, full_tensors, tiny_config
+from .export import load_exported
 
 ROWS, TOL = 4, 1e-12
 
@@ -110,13 +112,19 @@ def test_offline_reshard_and_export(tmp_path):
     assert abs(loss - a[0][0]) < TOL
 
 
-def _rules(rank, world):
+def _slices_match_live(rank, world):
+    """Every live parameter equals the slice of the full model the checkpoint plan names."""
     cfg = _cfg(2, 2)
     groups = build_process_groups(ParallelLayout(world, tp=2, ep=2), rank)
+    full = dict(build_full_model(cfg).named_parameters())
     model = parallelize(build_full_model(cfg), groups)
-    return {s.name: s.rule for s in param_specs(model, groups) if s.rule}, plan_rules(build_full_model(cfg))
+    return {s.name: (s.rule.kind if s.rule else None,
+                     torch.equal(cut(full[s.name].detach(), s.rule, s.runs), s.param.detach()))
+            for s in param_slices(model, groups.layout, rank)}
 
 
-def test_plan_rules_match_live_sharding():
-    live, plan = run_ranks(_rules, 4)[0]
-    assert live == plan
+def test_plan_slices_match_live_sharding():
+    for live in run_ranks(_slices_match_live, 4):
+        assert all(same for _, same in live.values()), live
+        kinds = {kind for kind, _ in live.values()}
+        assert kinds == {None, "tp", "ep"}

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from dmoe.config import load_config
-from dmoe.parallel.launch_env import LaunchInfo
+from dmoe.startup.launchers import LaunchInfo
 from dmoe.train.trainer import train
 from tests._dist import run_ranks
 

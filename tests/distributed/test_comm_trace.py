@@ -8,11 +8,11 @@ combine the mirror image, and backward the same two with directions swapped.
 import torch
 import torch.distributed as dist
 
-from dmoe.moe.dispatch import CapacitySettings
+from dmoe.moe.dispatcher import CapacitySettings
 from dmoe.moe.layer import MoELayer
 from dmoe.parallel import comm_trace
 from dmoe.parallel.comm_trace import CommRecorder
-from dmoe.parallel.expert_parallel import shard_moe_layer
+from dmoe.parallel.expert_parallel.apply import shard_moe_layer
 from tests._dist import run_ranks
 
 T, D, E = 40, 6, 4

@@ -6,7 +6,7 @@ Tolerance: the model runs in float64, but ZeRO 1/2 keep float32 master weights, 
 and gradient partitions (`single_partition_of_fp32_groups`; the full-grad read-back is float32
 too) and compute the clipping norm in float32. Measured worst over layouts and stages:
 params 4.7e-7 (a few float32 ulps of O(1) weights), grads 2.2e-8, losses 4.4e-9. Without
-each fix in dmoe.parallel.deepspeed_groups the grads are off by >3e-2 (no TP sum of the
+each fix in dmoe.train.engines.deepspeed_adapter the grads are off by >3e-2 (no TP sum of the
 router, no model-parallel tag on the norm) or the run fails (no expert groups).
 """
 import logging

@@ -10,11 +10,12 @@ sliced to r's experts. Each rank recomputes every rank's tokens locally for that
 import pytest
 import torch
 
-from dmoe.moe.dispatch import CapacitySettings
+from dmoe.moe.dispatcher import CapacitySettings
 from dmoe.moe.layer import MoELayer
-from dmoe.parallel.all_to_all import all_to_all
-from dmoe.parallel.ep_dispatch import local_expert_order
-from dmoe.parallel.expert_parallel import shard_moe_layer
+from dmoe.parallel.expert_parallel.all_to_all import all_to_all
+from dmoe.parallel.expert_parallel.apply import shard_moe_layer
+from dmoe.parallel.expert_parallel.dispatcher import local_expert_order
+from dmoe.parallel.param_roles import is_expert
 from tests._dist import run_ranks
 
 T, D, F_, E = 12, 6, 10, 8
@@ -71,7 +72,7 @@ def _ep_vs_local(rank, world, k, cf, counts, hot, exact):
     assert torch.equal(stats.routed_E, stats_ref.routed_E)
     assert torch.equal(stats.kept_E, stats_ref.kept_E)
     assert stats.capacity == stats_ref.capacity
-    assert all(p.dmoe_expert and not p.allreduce and p.group_name == f"ep_size_{world}"
+    assert all(is_expert(p) and not p.allreduce and p.group_name == f"ep_size_{world}"
                for p in layer.experts.parameters())
     diffs = {"y": (y - y_ref), "x.grad": (xg - xg_ref)}
     diffs.update({name: grads[name] - g_ref[name] for name in g_ref})

@@ -15,16 +15,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dmoe.parallel import tp_collectives as C
-from dmoe.parallel.tensor_parallel import (
+from dmoe.parallel.param_roles import is_tp_partial
+from dmoe.parallel.plan import TP, ShardRule, shard_index, shard_range
+from dmoe.parallel.tensor_parallel import collectives as C
+from dmoe.parallel.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    shard_index,
-    shard_range,
     vocab_parallel_cross_entropy,
 )
 from tests._dist import run_ranks
+
+from .gather import all_gather_ragged, gather_full_tensors, unshard
 
 log = logging.getLogger(__name__)
 TOL = 1e-12
@@ -111,7 +113,7 @@ def _collectives(rank, world):
         out[f"{name}.fwd"] = diff(y, x.chunk(world, dim)[rank])
         pieces = [gs[r][:2] if dim == 0 else gs[r][:, :3] for r in range(world)]
         out[f"{name}.bwd"] = diff(x.grad, torch.cat(pieces, dim))
-    pieces = C.all_gather_ragged(torch.full((3 - 2 * rank, 2), float(rank)), [3, 1], 0, g)
+    pieces = all_gather_ragged(torch.full((3 - 2 * rank, 2), float(rank)), 0, g)
     out["ragged"] = float(sum(diff(p, torch.full((n, 2), float(r)))
                               for r, (p, n) in enumerate(zip(pieces, [3, 1]))))
     return out
@@ -122,11 +124,12 @@ def test_collectives_forward_and_backward():
 
 
 # ---------------------------------------------------------------- layers
-def _grads_match(out, prefix, module_tp, module_ref, names):
+def _grads_match(out, prefix, module_tp, module_ref, names, rule):
     for name in names:
-        full = module_tp.unshard(name, getattr(module_tp, name).grad)
+        full = unshard(getattr(module_tp, name).grad, rule, module_tp.group)
         out[f"{prefix}.{name}.grad"] = diff(full, getattr(module_ref, name).grad)
-        out[f"{prefix}.{name}"] = diff(module_tp.unshard(name), getattr(module_ref, name))
+        out[f"{prefix}.{name}"] = diff(unshard(getattr(module_tp, name).detach(), rule, module_tp.group),
+                                       getattr(module_ref, name))
 
 
 def _run_pair(ref_fn, tp_fn, x, target):
@@ -150,8 +153,8 @@ def _mlp_case(group, seed, out, hidden, gather):
     )
     tag = f"mlp{hidden}{'.gathered' if gather else ''}"
     out[f"{tag}.y"], out[f"{tag}.x.grad"] = diff(y, y_ref), diff(gx, gx_ref)
-    _grads_match(out, f"{tag}.fc1", col, fc1, ["weight", "bias"])
-    _grads_match(out, f"{tag}.fc2", row, fc2, ["weight"])
+    _grads_match(out, f"{tag}.fc1", col, fc1, ["weight", "bias"], ShardRule(TP, 0))
+    _grads_match(out, f"{tag}.fc2", row, fc2, ["weight"], ShardRule(TP, 1))
     out[f"{tag}.fc2.bias.grad"] = diff(row.bias.grad, fc2.bias.grad)
 
 
@@ -174,8 +177,8 @@ def _attention_case(group, seed, out, n_heads=3, head_dim=4):
         lambda v: _attention(qkv_tp, proj_tp, v, head_dim), x, target,
     )
     out["attn.y"], out["attn.x.grad"] = diff(y, y_ref), diff(gx, gx_ref)
-    _grads_match(out, "attn.qkv", qkv_tp, qkv, ["weight"])
-    _grads_match(out, "attn.proj", proj_tp, proj, ["weight"])
+    _grads_match(out, "attn.qkv", qkv_tp, qkv, ["weight"], ShardRule(TP, 0, 3, head_dim))
+    _grads_match(out, "attn.proj", proj_tp, proj, ["weight"], ShardRule(TP, 1, 1, head_dim))
 
 
 def _embedding_case(group, seed, out, vocab=11):
@@ -189,7 +192,7 @@ def _embedding_case(group, seed, out, vocab=11):
     (y_ref * target).sum().backward()
     (y * target).sum().backward()
     out["emb.y"] = diff(y, y_ref)
-    _grads_match(out, "emb", emb_tp, emb, ["weight"])
+    _grads_match(out, "emb", emb_tp, emb, ["weight"], ShardRule(TP, 0))
 
 
 def _layers(rank, world, tp):
@@ -258,7 +261,7 @@ def _tied(rank, world, tp, vocab=10, d=6):
     ref.backward()
     loss.backward()
     out = {"tied.loss": diff(loss, ref)}
-    _grads_match(out, "tied", emb_tp, emb, ["weight"])
+    _grads_match(out, "tied", emb_tp, emb, ["weight"], ShardRule(TP, 0))
     return out
 
 
@@ -269,16 +272,16 @@ def test_tied_embedding_and_head(world, tp):
 
 # ---------------------------------------------------------------- MoE token slicing
 def _tp_sum_partial_grads(module, group):
-    """What dmoe.parallel.grads does for params tagged dmoe_tp_partial."""
+    """What dmoe.parallel.grads does for params whose role is tp_partial."""
     for p in module.parameters():
-        if getattr(p, "dmoe_tp_partial", False) and p.grad is not None:
+        if is_tp_partial(p) and p.grad is not None:
             dist.all_reduce(p.grad, group=group)
 
 
 def _moe_layer(rank, world, cf):
-    from dmoe.moe.dispatch import CapacitySettings
+    from dmoe.moe.dispatcher import CapacitySettings
     from dmoe.moe.layer import MoELayer
-    from dmoe.parallel.parallelize_tp import slice_moe_tokens
+    from dmoe.parallel.tensor_parallel.apply import slice_moe_tokens
 
     group, T, D = dist.group.WORLD, 12, 6
     torch.manual_seed(0)
@@ -334,7 +337,7 @@ def _model_config(positions, tied):
 
 def _model(rank, world, tp, positions, tied):
     from dmoe.model.transformer import MoETransformer
-    from dmoe.parallel.parallelize_tp import apply_tensor_parallel, gather_full_tensors
+    from dmoe.parallel.tensor_parallel.apply import apply_tensor_parallel
 
     group, seed = tp_group(rank, world, tp), 100 * (rank // tp)
     cfg = _model_config(positions, tied)
@@ -357,7 +360,7 @@ def _model(rank, world, tp, positions, tied):
     start, stop = model.tok_emb.vocab_start, model.tok_emb.vocab_end
     out = {"loss": diff(out_tp.loss, out_ref.loss), "z_loss": diff(out_tp.z_loss, out_ref.z_loss),
            "logits": diff(out_tp.logits, out_ref.logits[..., start:stop])}
-    grads, params = gather_full_tensors(model, grads=True), gather_full_tensors(model)
+    grads, params = gather_full_tensors(model, group, grads=True), gather_full_tensors(model, group)
     ref_params = dict(ref.named_parameters())
     assert list(grads) == list(ref_params), "parameter names changed under TP"
     for name, p_ref in ref_params.items():
@@ -380,7 +383,6 @@ def _model_tp_ep(rank, world, tp, ep):
     from dmoe.parallel.grads import global_grad_norm, reduce_gradients
     from dmoe.parallel.layout import ParallelLayout, build_process_groups
     from dmoe.parallel.parallelize import parallelize
-    from dmoe.parallel.parallelize_tp import gather_full_tensors
 
     groups = build_process_groups(ParallelLayout(world, tp=tp, ep=ep))
     replica, replicas = rank // tp, world // tp  # TP groups are the data replicas
@@ -407,7 +409,7 @@ def _model_tp_ep(rank, world, tp, ep):
     ref_norm = torch.cat([p.grad.flatten() for p in ref.parameters()]).norm()
     out = {"loss": diff(loss, ref_losses[replica]),  # the norm is float32 by design
            "grad_norm": diff(global_grad_norm(list(model.parameters()), groups), ref_norm.float())}
-    grads = gather_full_tensors(model, grads=True)
+    grads = gather_full_tensors(model, groups.tp, grads=True)
     experts_per_rank = cfg.moe.num_experts // ep
     rows = slice(groups.index("ep") * experts_per_rank, (groups.index("ep") + 1) * experts_per_rank)
     for name, p_ref in ref.named_parameters():

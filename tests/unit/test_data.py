@@ -5,7 +5,8 @@ import pytest
 
 from dmoe.config import DataConfig
 from dmoe.data.corpus import is_validation, iter_documents
-from dmoe.data.shards import TokenData, prepare, sample_batch
+from dmoe.data.sampler import sample_batch
+from dmoe.data.token_files import TokenData, prepare
 from dmoe.data.tokenizer import ByteTokenizer
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dmoe.moe.dispatch import CapacitySettings
+from dmoe.moe.dispatcher import CapacitySettings
 from dmoe.moe.layer import MoELayer
 from tests.reference_moe import reference_moe
 

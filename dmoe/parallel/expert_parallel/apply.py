@@ -1,0 +1,62 @@
+"""Apply expert parallelism to a built model: shard the experts, swap in the all-to-all.
+
+    shard_moe_layers(model, ep_group)      # every MoE layer
+    shard_moe_layer(layer, ep_group)       # one
+
+The model is built whole (same seed on every rank, so every rank holds the same full
+weights), then each MoE layer keeps only the rows of its stacked expert weights that the
+sharding plan's "ep" rule gives this EP rank: the global experts
+`dmoe.parallel.layout.expert_range(ep_rank, ep, E)`, the same ownership the all-to-all
+dispatcher routes by. The kept weights are marked as expert parameters through
+dmoe.parallel.param_roles. No communication happens here.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dmoe.moe.experts import GroupedExperts
+from dmoe.moe.layer import MoELayer
+from dmoe.parallel import param_roles
+from dmoe.parallel.plan import EXPERT_RULE
+
+from .dispatcher import AllToAllDispatcher
+
+log = logging.getLogger(__name__)
+
+
+def _local_experts(experts: GroupedExperts, index: torch.Tensor) -> GroupedExperts:
+    with torch.device("meta"):  # no init work, no draw from the RNG
+        local = GroupedExperts(len(index), experts.d_model, experts.d_ff, experts.activation,
+                               impl=experts.impl)
+    local.compute_dtype = experts.compute_dtype
+    for name in ("w1", "w2"):
+        full = getattr(experts, name)
+        rows = full.detach().index_select(0, index.to(full.device)).clone()
+        setattr(local, name, nn.Parameter(rows, full.requires_grad))
+    return local
+
+
+def shard_moe_layer(layer: MoELayer, ep_group: dist.ProcessGroup | None = None) -> MoELayer:
+    """In place: keep this EP rank's experts and route through the all-to-all dispatcher."""
+    ep, ep_rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
+    num_experts = layer.experts.num_experts
+    index = EXPERT_RULE.index(num_experts, ep_rank, ep)
+    layer.experts = _local_experts(layer.experts, index)
+    for param in layer.experts.parameters():
+        param_roles.mark_expert(param, ep)
+    layer.dispatcher = AllToAllDispatcher(num_experts, layer.dispatcher.capacity, ep_group)
+    return layer
+
+
+def shard_moe_layers(model: nn.Module, ep_group: dist.ProcessGroup | None = None) -> int:
+    """Shards every MoELayer inside `model`; returns how many were sharded."""
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    for layer in layers:
+        shard_moe_layer(layer, ep_group)
+    log.info("expert parallel: sharded %d MoE layers over %d ranks", len(layers),
+             dist.get_world_size(ep_group))
+    return len(layers)

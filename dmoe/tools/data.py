@@ -1,0 +1,54 @@
+"""`dmoe data prepare [PATH ...] [--config F] [--data.key=value ...]`
+
+Tokenizes text files/directories (each given path is one domain label), or the built-in
+corpus when no path is given, into the memory-mapped layout of dmoe.data.token_files, and
+prints what it wrote. Training runs call the same `prepare` and reuse the result.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dmoe.config import ConfigError, load_config
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dmoe data prepare", description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["prepare"])
+    parser.add_argument("paths", nargs="*", help="text files or directories (default: built-in corpus)")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--out", default=None, help="data directory (default: data.data_dir)")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        sys.stderr.write(f"config error: {err}\n")
+        return 2
+    if args.paths:
+        cfg.data.paths = list(args.paths)
+    if args.out:
+        cfg.data.data_dir = args.out
+    from dmoe.data.token_files import prepare
+
+    try:
+        out = prepare(cfg.data)
+    except (FileNotFoundError, ValueError) as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    meta = json.loads((Path(out) / "meta.json").read_text())
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"prepared {out}")
+    for col in ("split", "documents", "tokens"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for split in ("train", "val"):
+        table.add_row(split, str(meta["documents_per_split"][split]), f"{meta['tokens'][split]:,}")
+    console = Console()
+    console.print(table)
+    console.print(f"tokenizer {cfg.data.tokenizer} (vocab {meta['vocab_size']}), "
+                  f"{len(meta['domains'])} domains: {', '.join(meta['domains'][:12])}"
+                  + (" ..." if len(meta["domains"]) > 12 else ""))
+    return 0

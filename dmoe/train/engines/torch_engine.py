@@ -1,0 +1,70 @@
+"""The plain torch engine (torchrun, srun, mpirun, python): AdamW, dmoe's gradient
+reduction over DP / expert-DP / TP (dmoe.parallel.grads), accumulation, clipping, bf16
+autocast. Communication: the gradient reduction and norm at accumulation boundaries.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dmoe.checkpoint import optimizer_state
+from dmoe.config import Config
+from dmoe.model.transformer import ModelOutput
+from dmoe.parallel.grads import clip_gradients, reduce_gradients
+from dmoe.parallel.layout import ProcessGroups
+
+from .param_groups import param_groups
+
+
+class TorchEngine:
+    """AdamW with dmoe's own gradient reduction and clipping (dmoe.parallel.grads)."""
+
+    name = "torch"
+
+    def __init__(self, model: nn.Module, cfg: Config, groups: ProcessGroups):
+        self.module, self.cfg, self.groups = model, cfg, groups
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            [{k: v for k, v in g.items() if k in ("params", "weight_decay")}
+             for g in param_groups(model, cfg.train.weight_decay)],
+            lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8,
+        )
+        self.micro = 0
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> ModelOutput:
+        if self.cfg.train.precision == "bf16":
+            # bf16 activations and matmuls, fp32 weights, grads and optimizer state
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                return self.module(x, y)
+        return self.module(x, y)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.micro % self.cfg.train.grad_accum == 0:
+            # a new accumulation window; grads of the last step stay readable until here
+            self.optimizer.zero_grad(set_to_none=True)
+        (loss / self.cfg.train.grad_accum).backward()
+
+    def step(self, lr: float) -> float | None:
+        self.micro += 1
+        if self.micro % self.cfg.train.grad_accum:
+            return None
+        reduce_gradients(self.params, self.groups)
+        norm = clip_gradients(self.params, self.groups, self.cfg.train.grad_clip)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.step()
+        return norm
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    # checkpoint state (dmoe.checkpoint.optimizer_state): whole tensors of one param, no
+    # communication
+    def param_states(self, param: nn.Parameter) -> dict:
+        return optimizer_state.torch_states(self.optimizer, param)
+
+    def load_param_states(self, param: nn.Parameter, states: dict) -> None:
+        optimizer_state.set_torch_states(self.optimizer, param, states)
+
+    def resume_at(self, step: int) -> None:
+        self.micro = step * self.cfg.train.grad_accum
