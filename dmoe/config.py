@@ -36,6 +36,14 @@ class ModelConfig:
     positions: str = choice("rotary", ["rotary", "learned"])
     dropout: float = 0.0
     tie_embeddings: bool = True
+    norm: str = choice("layernorm", ["layernorm", "rmsnorm"])
+    norm_eps: float = 1e-5
+    n_kv_heads: int = 0  # grouped-query attention: key/value heads; 0: n_heads (MHA)
+    bias: bool = False  # biases on the attention output and dense MLP linears (and qkv)
+    qkv_bias: bool = False  # a bias on the qkv projection alone (Qwen2)
+    qk_norm: bool = False  # RMSNorm on each query and key head (Qwen3)
+    rope_theta: float = 10000.0
+    mlp_activation: str = choice("gelu", ["gelu", "swiglu"])  # the dense MLP's
 
 
 @dataclass
@@ -54,6 +62,16 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     expert_dtype: str = choice("float32", ["float32", "bfloat16"])
+    score_func: str = choice("softmax", ["softmax", "sigmoid"])  # sigmoid: DeepSeek-V3 scores
+    route_scale: float = 1.0  # multiplies the gates (after normalize_topk)
+    seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss weight
+    num_groups: int = 1  # group-limited routing: experts in contiguous groups; 1: off
+    topk_groups: int = 1  # groups a token may route into (num_groups > 1)
+    num_shared_experts: int = 0  # always-on experts beside the routed ones (dense params)
+    shared_expert_ffn_dim: int = 0  # per shared expert; 0: expert_ffn_dim
+    shared_expert_gate: bool = False  # scale the shared output by sigmoid(w . x) (Qwen2-MoE)
+    first_dense_layers: int = 0  # the first N blocks use the dense MLP (DeepSeek)
+    bias_update_rate: float = 0.0  # auxiliary-loss-free balancing (DeepSeek-V3); 0: off
 
 
 @dataclass
@@ -96,6 +114,9 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N steps (and at the last step); 0: off
     resume: str = ""  # "": fresh start; "auto": latest checkpoint in run_dir; or a path
     keep_last: int = 3  # complete checkpoints kept; 0: keep all
+    # recompute in backward instead of keeping activations: each transformer block, or only
+    # the expert MLPs (their dispatch and all-to-all run once)
+    activation_checkpointing: str = choice("none", ["none", "block", "experts"])
 
 
 @dataclass
@@ -188,8 +209,19 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name} ({value}) must be >= 1")
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+    _validate_attention(cfg)
+    for name in ("moe.num_shared_experts", "moe.shared_expert_ffn_dim", "moe.first_dense_layers"):
+        value = getattr(e, name.split(".")[1])
+        if value < 0:
+            raise ConfigError(f"{name} ({value}) must be >= 0")
+    if not 0 < m.norm_eps < 1:
+        raise ConfigError(f"model.norm_eps ({m.norm_eps}) must be in (0, 1)")
+    if (m.d_model // m.n_heads) % 2 and m.positions == "rotary":
+        raise ConfigError(f"model.d_model / model.n_heads ({m.d_model // m.n_heads}) must be even "
+                          "for rotary positions")
     if not 1 <= e.top_k <= e.num_experts:
         raise ConfigError(f"moe.top_k ({e.top_k}) must be in [1, moe.num_experts ({e.num_experts})]")
+    _validate_routing(e)
     if e.num_experts % cfg.parallel.ep:
         raise ConfigError(
             f"moe.num_experts ({e.num_experts}) must be divisible by parallel.ep ({cfg.parallel.ep})"
@@ -201,6 +233,42 @@ def validate(cfg: Config) -> None:
         )
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction ({cfg.data.val_fraction}) must be in (0, 1)")
+
+
+def _validate_attention(cfg: Config) -> None:
+    m, tp = cfg.model, cfg.parallel.tp
+    kv = m.n_kv_heads or m.n_heads
+    if m.n_kv_heads < 0 or m.n_heads % kv:
+        raise ConfigError(f"model.n_kv_heads ({m.n_kv_heads}) must divide model.n_heads ({m.n_heads})")
+    if kv != m.n_heads and kv % tp:
+        raise ConfigError(f"model.n_kv_heads ({kv}) must be divisible by parallel.tp ({tp}): "
+                          "TP splits grouped-query attention by whole key/value heads")
+
+
+def _validate_routing(e: MoEConfig) -> None:
+    """The MoE router options: group-limited routing must leave top_k experts reachable."""
+    if e.num_groups < 1:
+        raise ConfigError(f"moe.num_groups ({e.num_groups}) must be >= 1")
+    if e.num_experts % e.num_groups:
+        raise ConfigError(
+            f"moe.num_experts ({e.num_experts}) must be divisible by moe.num_groups ({e.num_groups})"
+        )
+    if not 1 <= e.topk_groups <= e.num_groups:
+        raise ConfigError(
+            f"moe.topk_groups ({e.topk_groups}) must be in [1, moe.num_groups ({e.num_groups})]"
+        )
+    reachable = e.topk_groups * (e.num_experts // e.num_groups)
+    if e.top_k > reachable:
+        raise ConfigError(
+            f"moe.top_k ({e.top_k}) must be <= moe.topk_groups ({e.topk_groups}) * "
+            f"moe.num_experts ({e.num_experts}) / moe.num_groups ({e.num_groups}) = {reachable}"
+        )
+    if e.route_scale <= 0:
+        raise ConfigError(f"moe.route_scale ({e.route_scale}) must be > 0")
+    if e.seq_aux_loss_coef < 0:
+        raise ConfigError(f"moe.seq_aux_loss_coef ({e.seq_aux_loss_coef}) must be >= 0")
+    if e.bias_update_rate < 0:
+        raise ConfigError(f"moe.bias_update_rate ({e.bias_update_rate}) must be >= 0")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

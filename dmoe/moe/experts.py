@@ -31,6 +31,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 ACTIVATIONS = ("gelu", "swiglu")
 EXPERT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -178,10 +179,13 @@ class GroupedExperts(nn.Module):
     compute_dtype=bfloat16 casts rows and weights for the matmuls and returns rows in the
     input dtype; the weights and their gradients stay fp32 (the casts' backward converts).
     impl picks the formulation (see the module docstring); all give the same results.
+    recompute=True keeps only the rows and weights for backward and recomputes the expert
+    MLPs' activations there (train.activation_checkpointing=experts): the dispatch around
+    the experts, and its all-to-all, runs once.
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str = "gelu",
-                 compute_dtype: str = "float32", impl: str = "auto"):
+                 compute_dtype: str = "float32", impl: str = "auto", recompute: bool = False):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"moe.activation ({activation!r}) must be one of {ACTIVATIONS}")
@@ -190,6 +194,7 @@ class GroupedExperts(nn.Module):
         if impl not in IMPLS:
             raise ValueError(f"moe.experts_impl ({impl!r}) must be one of {IMPLS}")
         self.activation, self.compute_dtype, self.impl = activation, EXPERT_DTYPES[compute_dtype], impl
+        self.recompute = recompute
         self.num_experts, self.d_model, self.d_ff = num_experts, d_model, d_ff
         width = 2 * d_ff if activation == "swiglu" else d_ff
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, width))
@@ -220,8 +225,13 @@ class GroupedExperts(nn.Module):
             # the custom autograd nodes write into preallocated outputs: give them one
             # explicit dtype (autocast's) instead of letting autocast recast per matmul
             with torch.autocast(device_type, enabled=False):
-                return self._forward(x_ND, counts, torch.get_autocast_dtype(device_type))
-        return self._forward(x_ND, counts, self.compute_dtype)
+                return self._maybe_recompute(x_ND, counts, torch.get_autocast_dtype(device_type))
+        return self._maybe_recompute(x_ND, counts, self.compute_dtype)
+
+    def _maybe_recompute(self, x_ND: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._forward, x_ND, counts, dtype, use_reentrant=False)
+        return self._forward(x_ND, counts, dtype)
 
     def _forward(self, x_ND: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
         if dtype == torch.bfloat16 and x_ND.device.type == "cpu":

@@ -28,6 +28,7 @@ class MoEStats:
     kept_E: torch.Tensor  # assignments each expert kept
     aux_loss: torch.Tensor  # differentiable
     z_loss: torch.Tensor  # differentiable
+    seq_aux_loss: torch.Tensor  # differentiable; per-sequence balance, see TopKRouter.forward
     capacity: int | None
 
     @property
@@ -42,10 +43,15 @@ class MoEStats:
 class MoELayer(nn.Module):
     def __init__(self, d_model: int, num_experts: int, top_k: int, d_ff: int,
                  capacity: CapacitySettings, activation: str = "gelu", jitter_eps: float = 0.0,
-                 normalize_topk: bool = True, expert_dtype: str = "float32"):
+                 normalize_topk: bool = True, expert_dtype: str = "float32",
+                 score_func: str = "softmax", route_scale: float = 1.0, num_groups: int = 1,
+                 topk_groups: int = 1, bias_update_rate: float = 0.0,
+                 recompute_experts: bool = False):
         super().__init__()
-        self.router = TopKRouter(d_model, num_experts, top_k, jitter_eps, normalize_topk)
-        self.experts = GroupedExperts(num_experts, d_model, d_ff, activation, expert_dtype)
+        self.router = TopKRouter(d_model, num_experts, top_k, jitter_eps, normalize_topk,
+                                 score_func, route_scale, num_groups, topk_groups, bias_update_rate)
+        self.experts = GroupedExperts(num_experts, d_model, d_ff, activation, expert_dtype,
+                                      recompute=recompute_experts)
         # Swapped for an expert-parallel dispatcher (and a shard of the experts) by
         # dmoe.parallel.parallelize; the model code never sees a process group.
         self.dispatcher: Dispatcher = LocalDispatcher(num_experts, capacity)
@@ -61,14 +67,19 @@ class MoELayer(nn.Module):
         return torch.profiler.record_function(f"{self.trace_name}/{name}")
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        """x [B, S, D], or [T, D] (a TP token slice not made of whole sequences): then the
+        sequence-wise balance loss treats all T tokens as one sequence."""
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        seq_len = x_BSD.shape[-2] if x_BSD.dim() == 3 else None
         with self._phase("route"):
-            routing = self.router(x_TD)
+            routing = self.router(x_TD, seq_len)
         with self._phase("dispatch"):
             x_ND, meta = self.dispatcher.dispatch(x_TD, routing, self.training)
         with self._phase("experts"):
             y_ND = self.experts(x_ND, meta.counts)
         with self._phase("combine"):
             y_TD = self.dispatcher.combine(y_ND, meta)
-        stats = MoEStats(meta.routed_E, meta.kept_E, routing.aux_loss, routing.z_loss, meta.capacity)
+        stats = MoEStats(meta.routed_E, meta.kept_E, aux_loss=routing.aux_loss,
+                         z_loss=routing.z_loss, seq_aux_loss=routing.seq_aux_loss,
+                         capacity=meta.capacity)
         return y_TD.view_as(x_BSD), stats

@@ -13,10 +13,12 @@ that is already sharded. Parameters it does not name are replicated.
 
     parameter                     rule
     tok_emb.weight                tp dim 0 (vocabulary rows)
-    blocks.i.attn.qkv.weight      tp dim 0, 3 packed chunks (q, k, v), whole heads
+    blocks.i.attn.qkv.weight      tp dim 0, packed q, k, v chunks (sizes under GQA), whole heads
     blocks.i.attn.proj.weight     tp dim 1, whole heads
-    blocks.i.ffn.fc1.weight       tp dim 0            (dense MLP)
+    blocks.i.ffn.fc1.weight       tp dim 0 (dense MLP; SwiGLU: gate and up chunks split alike)
     blocks.i.ffn.fc2.weight       tp dim 1
+    blocks.i.shared_expert.fc1/2  as the dense MLP (shared experts are dense parameters)
+    biases                        with their column split, replicated for a row split
     blocks.i.ffn.experts.w1, w2   ep dim 0 (expert rows; ownership: dmoe.parallel.layout)
     lm_head.weight                tp dim 0, unless tied to tok_emb (then saved once as tok_emb)
 
@@ -49,15 +51,29 @@ def shard_range(size: int, rank: int, world: int, unit: int = 1) -> tuple[int, i
     return start * unit, (start + base + (rank < extra)) * unit
 
 
-def shard_index(size: int, rank: int, world: int, chunks: int = 1, unit: int = 1) -> torch.Tensor:
-    """Indices (along the split dim) that rank owns; each of `chunks` equal chunks is split."""
-    if size % chunks:
-        raise ValueError(
-            f"size ({size}) must be divisible by its number of packed chunks ({chunks})"
-        )
-    chunk = size // chunks
-    start, stop = shard_range(chunk, rank, world, unit)
-    return torch.cat([torch.arange(c * chunk + start, c * chunk + stop) for c in range(chunks)])
+def chunk_sizes(size: int, chunks: int | tuple[int, ...]) -> tuple[int, ...]:
+    """Sizes of the packed blocks along a dim: `chunks` equal ones, or the given sizes."""
+    if isinstance(chunks, int):
+        if size % chunks:
+            raise ValueError(
+                f"size ({size}) must be divisible by its number of packed chunks ({chunks})"
+            )
+        return (size // chunks,) * chunks
+    if sum(chunks) != size:
+        raise ValueError(f"packed chunks {list(chunks)} do not add up to the size ({size})")
+    return tuple(chunks)
+
+
+def shard_index(size: int, rank: int, world: int, chunks: int | tuple[int, ...] = 1,
+                unit: int = 1) -> torch.Tensor:
+    """Indices (along the split dim) that rank owns; each packed chunk is split alike
+    (`chunks`: a number of equal chunks, or their sizes, e.g. q, k, v under GQA)."""
+    pieces, offset = [], 0
+    for chunk in chunk_sizes(size, chunks):
+        start, stop = shard_range(chunk, rank, world, unit)
+        pieces.append(torch.arange(offset + start, offset + stop))
+        offset += chunk
+    return torch.cat(pieces)
 
 
 @dataclass(frozen=True)
@@ -66,7 +82,7 @@ class ShardRule:
 
     kind: str  # TP | EP
     dim: int
-    chunks: int = 1
+    chunks: int | tuple[int, ...] = 1  # packed blocks split alike: a count, or their sizes
     unit: int = 1
 
     def index(self, full: int, shard: int, shards: int) -> torch.Tensor:
@@ -81,7 +97,10 @@ class ShardRule:
 
     @staticmethod
     def from_json(data: dict | None) -> ShardRule | None:
-        return None if data is None else ShardRule(**data)
+        if data is None:
+            return None
+        chunks = data.get("chunks", 1)
+        return ShardRule(**{**data, "chunks": tuple(chunks) if isinstance(chunks, list) else chunks})
 
 
 EXPERT_RULE = ShardRule(EP, 0)  # stacked expert weights [E, ...]: rows of the rank's experts
@@ -103,10 +122,11 @@ def sharding_plan(model: nn.Module) -> dict[str, ShardRule]:
     rules = {"tok_emb.weight": ShardRule(TP, 0)}
     for name, module in model.named_modules():
         if isinstance(module, Attention):
-            rules |= _linear_rules(f"{name}.qkv", module.qkv, ShardRule(TP, 0, 3, module.head_dim))
+            qkv = ShardRule(TP, 0, module.qkv_chunks(), module.head_dim)
+            rules |= _linear_rules(f"{name}.qkv", module.qkv, qkv)
             rules |= _linear_rules(f"{name}.proj", module.proj, ShardRule(TP, 1, 1, module.head_dim))
         elif isinstance(module, MLP):
-            rules |= _linear_rules(f"{name}.fc1", module.fc1, ShardRule(TP, 0))
+            rules |= _linear_rules(f"{name}.fc1", module.fc1, ShardRule(TP, 0, module.fc1_chunks()))
             rules |= _linear_rules(f"{name}.fc2", module.fc2, ShardRule(TP, 1))
         elif isinstance(module, GroupedExperts):
             rules[f"{name}.w1"] = rules[f"{name}.w2"] = EXPERT_RULE

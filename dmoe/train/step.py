@@ -7,10 +7,12 @@
 
 A step is `train.grad_accum` micro-batches of `train.micro_batch_size` sequences per DP
 rank, drawn by the sampler `data.sampler` names (a pure function of seed, step and DP
-rank, so a resumed run continues in place). Evaluation draws `train.eval_batches`
-held-out micro-batches with seed + 1. Communication: inside the engine (gradient
-reduction at the accumulation boundary), the MoE dispatchers, and one all-reduce over DP
-in `evaluate`.
+rank, so a resumed run continues in place), then, with `moe.bias_update_rate`, the
+loss-free balancing update of every router's expert bias. Evaluation draws
+`train.eval_batches` held-out micro-batches with seed + 1. Communication: inside the
+engine (gradient reduction at the accumulation boundary), the MoE dispatchers, one
+all-reduce over DP of the step's per-expert counts (bias update), and one all-reduce over
+DP in `evaluate`.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ from dmoe.config import Config
 from dmoe.data.sampler import epoch_batch, sample_batch
 from dmoe.data.token_files import TokenData
 from dmoe.model.transformer import ModelOutput
+from dmoe.moe.layer import MoELayer
+from dmoe.moe.router import update_expert_bias
 from dmoe.parallel.layout import ProcessGroups
 
 from .engines import Engine
@@ -72,7 +76,23 @@ def train_step(engine: Engine, data: TokenData, cfg: Config, groups: ProcessGrou
         engine.backward(out.loss)
         norm = engine.step(lr)
         outputs.append(out)
+    if cfg.moe.bias_update_rate > 0:
+        update_router_biases(engine.module, outputs, groups, cfg.moe.bias_update_rate)
     return StepResult(outputs, lr, norm)
+
+
+def update_router_biases(model: torch.nn.Module, outputs: list[ModelOutput], groups: ProcessGroups,
+                         rate: float) -> None:
+    """Every router's loss-free balancing step from this step's routed counts, summed over
+    the micro-batches and the DP ranks (EP ranks are DP ranks; under TP the layer's counts
+    are already whole-batch), so all ranks apply the same update. One all-reduce over DP."""
+    routers = [m.router for m in model.modules() if isinstance(m, MoELayer)]
+    routed_LE = torch.stack([torch.stack([s.routed_E for s in out.moe_stats]) for out in outputs])
+    routed_LE = routed_LE.sum(0).to(torch.float64)
+    if groups.size("dp") > 1:
+        dist.all_reduce(routed_LE, group=groups.dp)
+    for router, routed_E in zip(routers, routed_LE):
+        update_expert_bias(router.expert_bias, routed_E, rate)
 
 
 @torch.no_grad()

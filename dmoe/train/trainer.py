@@ -82,7 +82,7 @@ def moe_figures(outputs: list[ModelOutput], groups: ProcessGroups) -> tuple[dict
 
 def _train_figures(result: StepResult, groups: ProcessGroups, device: torch.device,
                    tokens_per_s: float) -> tuple[dict, dict]:
-    names = ("loss", "ce_loss", "aux_loss", "z_loss")
+    names = ("loss", "ce_loss", "aux_loss", "z_loss", "seq_aux_loss")
     outputs = result.outputs
     means = [sum(float(getattr(o, n).detach()) if getattr(o, n) is not None else 0.0
                  for o in outputs) / len(outputs) for n in names]

@@ -14,6 +14,15 @@ from .gather import gather_full_tensors
 
 SEED, STEPS, MICRO, SEQ, VOCAB = 7, 3, 2, 8, 32
 
+# The DeepSeek-style options on the tiny model (deepseek-tiny's architecture): sigmoid
+# scores, loss-free bias, sequence-wise loss, a shared expert, group-limited routing, a
+# dense first block, RMSNorm, SwiGLU.
+DEEPSEEK = ["--moe.score_func=sigmoid", "--moe.bias_update_rate=0.05", "--moe.seq_aux_loss_coef=0.1",
+            "--moe.num_shared_experts=1", "--moe.num_groups=2", "--moe.topk_groups=1",
+            "--moe.every=1", "--moe.first_dense_layers=1", "--moe.activation=swiglu",
+            "--model.norm=rmsnorm", "--model.mlp_activation=swiglu", "--model.n_kv_heads=2",
+            "--moe.route_scale=2.0", "--moe.num_experts=8"]
+
 
 def tiny_config(tp: int, ep: int, extra: list[str] = ()):
     # TP routes per token slice: capacity and the load-balance loss then differ from a
@@ -47,6 +56,8 @@ def build_full_model(cfg):
 def full_tensors(model, groups, grads: bool) -> dict:
     """Every parameter (or grad) unsharded: TP shards gathered, then expert shards over EP."""
     out = gather_full_tensors(model, groups.tp, grads=grads)
+    if grads:  # parameters without gradients (a router's expert bias) are compared as params
+        out = {name: g for name, g in out.items() if g is not None}
     if groups.size("ep") > 1:
         for name, p in model.named_parameters():
             if is_expert(p):
@@ -68,12 +79,29 @@ def reference_run(cfg, dp: int):
     losses, grads = [], []
     for step in range(STEPS):
         opt.zero_grad()
-        loss = sum(model(*batch(step, d)).loss for d in range(dp)) / dp
+        outputs = [model(*batch(step, d)) for d in range(dp)]
+        loss = sum(out.loss for out in outputs) / dp
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        params = [p for p in model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         losses.append(float(loss.detach()))
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         for g in opt.param_groups:
             g["lr"] = cfg.train.lr
         opt.step()
+        if cfg.moe.bias_update_rate:
+            _loss_free_update(model, outputs, cfg.moe.bias_update_rate)
     return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def _loss_free_update(model, outputs, rate):
+    """DeepSeek-V3's rule written out: per expert, +rate if its routed count over the whole
+    global batch is below the mean count, -rate if above."""
+    routers = [m for n, m in model.named_modules() if n.endswith(".router")]
+    for i, router in enumerate(routers):
+        counts = [sum(int(out.moe_stats[i].routed_E[e]) for out in outputs)
+                  for e in range(router.num_experts)]
+        mean = sum(counts) / len(counts)
+        for e, c in enumerate(counts):
+            router.expert_bias[e] += rate if c < mean else -rate if c > mean else 0.0

@@ -16,17 +16,18 @@ from dmoe.checkpoint.slices import cut, param_slices
 from dmoe.parallel.layout import ParallelLayout, build_process_groups
 from dmoe.parallel.parallelize import parallelize
 from dmoe.train.engines import TorchEngine
+from dmoe.train.step import update_router_biases
 from tests._dist import run_ranks
 
-from .equivalence import SEQ, VOCAB, build_full_model, full_tensors, tiny_config
+from .equivalence import DEEPSEEK, SEQ, VOCAB, build_full_model, full_tensors, tiny_config
 from .export import load_exported
 
 ROWS, TOL = 4, 1e-12
 
 
-def _cfg(tp, ep, run_dir="unused"):
+def _cfg(tp, ep, run_dir="unused", extra=()):
     return tiny_config(tp, ep, ["--moe.capacity_factor=null", "--moe.aux_loss_coef=0",
-                                f"--train.run_dir={run_dir}"])
+                                f"--train.run_dir={run_dir}", *extra])
 
 
 def _global_batch(step):
@@ -39,8 +40,11 @@ def _train_step(engine, groups, step):
     rows = ROWS // groups.size("dp")
     d = groups.index("dp")
     x, y = (t[d * rows:(d + 1) * rows] for t in _global_batch(step))
-    engine.backward(engine.forward(x, y).loss)
+    out = engine.forward(x, y)
+    engine.backward(out.loss)
     engine.step(engine.cfg.train.lr)
+    if engine.cfg.moe.bias_update_rate:
+        update_router_biases(engine.module, [out], groups, engine.cfg.moe.bias_update_rate)
 
 
 @torch.no_grad()
@@ -51,9 +55,9 @@ def _outputs(model, groups):
     return float(out.loss), torch.cat(parts, -1)
 
 
-def _phase(rank, world, tp, ep, load_from, save_to):
+def _phase(rank, world, tp, ep, load_from, save_to, extra=()):
     """Train 2 steps (or load), fixed-batch outputs, maybe save, then train step 2."""
-    cfg = _cfg(tp, ep, save_to or "unused")
+    cfg = _cfg(tp, ep, save_to or "unused", extra)
     groups = build_process_groups(ParallelLayout(world, tp=tp, ep=ep), rank)
     engine = TorchEngine(parallelize(build_full_model(cfg), groups), cfg, groups)
     if load_from:
@@ -67,8 +71,8 @@ def _phase(rank, world, tp, ep, load_from, save_to):
     return outputs, full_tensors(engine.module, groups, grads=False), saved
 
 
-def _run(world, tp, ep, load_from=None, save_to=None):
-    return run_ranks(_phase, world, args=(tp, ep, load_from, save_to), timeout=120)[0]
+def _run(world, tp, ep, load_from=None, save_to=None, extra=()):
+    return run_ranks(_phase, world, args=(tp, ep, load_from, save_to, extra), timeout=120)[0]
 
 
 def _diff(a, b) -> float:
@@ -96,6 +100,31 @@ def test_reshard_on_load(tmp_path, src, dst):
     b = _run(*dst, load_from=a[2])
     worst = _diff(a, b)
     print(f"{src} -> {dst} max abs diff: {worst:.3g}")
+    assert worst < TOL
+
+
+GQA = ("--model.n_kv_heads=2", "--model.qk_norm=true", "--model.bias=true",
+       "--model.mlp_activation=swiglu", "--moe.num_shared_experts=1", "--moe.shared_expert_gate=true")
+
+
+def test_reshard_grouped_query_attention_tp2_to_tp1_and_ep2(tmp_path):
+    """qkv's unequal q/k/v chunks, biases and SwiGLU chunks travel through the manifest."""
+    a = _run(2, 2, 1, save_to=tmp_path / "a", extra=GQA)
+    b = _run(1, 1, 1, load_from=a[2], extra=GQA)
+    c = _run(2, 1, 2, load_from=a[2], extra=GQA)
+    worst = max(_diff(a, b), _diff(a, c))
+    print(f"GQA tp2 -> tp1 / ep2 max abs diff: {worst:.3g}")
+    assert worst < TOL
+
+
+def test_reshard_loss_free_bias_ep2_to_ep1(tmp_path):
+    """The routers' expert bias (training state without gradient) is saved once and
+    resharded like any replicated tensor; training on from it matches."""
+    a = _run(2, 1, 2, save_to=tmp_path / "a", extra=DEEPSEEK)
+    b = _run(1, 1, 1, load_from=a[2], extra=DEEPSEEK)
+    assert a[1]["blocks.1.ffn.router.expert_bias"].abs().max() > 0
+    worst = _diff(a, b)
+    print(f"loss-free bias ep2 -> ep1 max abs diff: {worst:.3g}")
     assert worst < TOL
 
 

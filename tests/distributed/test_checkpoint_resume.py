@@ -37,10 +37,18 @@ def _losses(run_dir: Path) -> dict:
     return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
 
 
-@pytest.mark.parametrize("ep,sampler", [(1, "random"), (2, "random"), (2, "epoch")])
-def test_resume_is_bit_identical(tmp_path, text_dir, ep, sampler):
+# loss-free balancing: the expert bias is training state that must survive the resume
+DEEPSEEK = ["--moe.score_func=sigmoid", "--moe.bias_update_rate=0.05", "--moe.num_experts=8",
+            "--moe.num_groups=2", "--moe.topk_groups=1", "--moe.num_shared_experts=1",
+            "--moe.seq_aux_loss_coef=0.1", "--model.norm=rmsnorm"]
+
+
+@pytest.mark.parametrize("ep,sampler,extra", [(1, "random", []), (2, "random", []), (2, "epoch", []),
+                                              (2, "random", DEEPSEEK)],
+                         ids=["ep1", "ep2", "ep2-epoch", "ep2-loss-free-bias"])
+def test_resume_is_bit_identical(tmp_path, text_dir, ep, sampler, extra):
     common = [*TINY, f"--data.paths={text_dir}", f"--data.data_dir={tmp_path / 'data'}",
-              f"--parallel.ep={ep}", f"--data.sampler={sampler}"]
+              f"--parallel.ep={ep}", f"--data.sampler={sampler}", *extra]
     full, part = tmp_path / "full", tmp_path / "part"
     run_ranks(_train, 2, args=([*common, f"--train.run_dir={full}"],))
     # the interrupted run: saves at steps 3 and 6; resuming from step 3 is "stop at 3"
@@ -55,3 +63,8 @@ def test_resume_is_bit_identical(tmp_path, text_dir, ep, sampler):
     assert sorted(got) == [4, 5, 6]
     assert [got[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)], (got, ref)
     assert _losses(part) == ref  # saving does not disturb training
+    if extra:  # the bias moved and was saved (resharded on load if the layout changes)
+        from safetensors.torch import load_file
+
+        saved = load_file(ckpts / "step_000006" / "rank_00000.safetensors")
+        assert saved["param/blocks.0.ffn.router.expert_bias"].abs().max() > 0

@@ -18,9 +18,18 @@ import torch.distributed as dist
 from dmoe.parallel.layout import ParallelLayout, build_process_groups
 from dmoe.parallel.parallelize import parallelize
 from dmoe.train.engines import DeepSpeedEngine
+from dmoe.train.step import update_router_biases
 from tests._dist import run_ranks
 
-from .equivalence import STEPS, batch, build_full_model, full_tensors, reference_run, tiny_config
+from .equivalence import (
+    DEEPSEEK,
+    STEPS,
+    batch,
+    build_full_model,
+    full_tensors,
+    reference_run,
+    tiny_config,
+)
 
 deepspeed = pytest.importorskip("deepspeed")  # imported once in the parent: ranks fork with it
 
@@ -45,6 +54,8 @@ def _full_grads(engine, groups) -> dict:
     model = engine.module
     saved = {}
     for p in model.parameters():
+        if not p.requires_grad:  # a router's expert bias: no gradient
+            continue
         saved[p] = p.grad
         p.grad = safe_get_full_grad(p).to(p.dtype).reshape(p.shape)
     out = full_tensors(model, groups, grads=True)
@@ -53,9 +64,9 @@ def _full_grads(engine, groups) -> dict:
     return out
 
 
-def _deepspeed_run(rank, world, tp, ep, stage):
+def _deepspeed_run(rank, world, tp, ep, stage, extra=()):
     _deepspeed_env(rank, world)
-    cfg = tiny_config(tp, ep, [f"--train.zero_stage={stage}"])
+    cfg = tiny_config(tp, ep, [f"--train.zero_stage={stage}", *extra])
     groups = build_process_groups(ParallelLayout(world, tp=tp, ep=ep), rank)
     engine = DeepSpeedEngine(parallelize(build_full_model(cfg), groups), cfg, groups)
     losses, grads = [], []
@@ -64,6 +75,8 @@ def _deepspeed_run(rank, world, tp, ep, stage):
         engine.backward(out.loss)
         step_grads = _full_grads(engine, groups)
         norm = engine.step(cfg.train.lr)
+        if cfg.moe.bias_update_rate:
+            update_router_biases(engine.module, [out], groups, cfg.moe.bias_update_rate)
         coef = min(1.0, cfg.train.grad_clip / ((norm or 0.0) + 1e-6))  # what DeepSpeed applied
         grads.append({k: g * coef for k, g in step_grads.items()})
         loss = out.loss.detach().clone()
@@ -90,6 +103,28 @@ def test_deepspeed_engine_matches_single_process(world, tp, ep, stage):
         worst["param"] = max(worst["param"], _max_diff(params, ref_params))
     print(f"max abs diff world={world} tp={tp} ep={ep} zero={stage}: {worst}")
     assert all(worst[k] < TOL[k] for k in TOL), worst
+
+
+DEEPSEEK_LAYOUTS = [(2, 1, 2), (4, 2, 2)]
+
+
+@pytest.mark.parametrize("stage", [1, 2], ids=["zero1", "zero2"])
+@pytest.mark.parametrize("world,tp,ep", DEEPSEEK_LAYOUTS,
+                         ids=[f"w{w}-tp{t}-ep{e}" for w, t, e in DEEPSEEK_LAYOUTS])
+def test_deepseek_options_under_deepspeed(world, tp, ep, stage):
+    """deepseek-tiny's architecture (loss-free bias included) under ZeRO 1/2."""
+    cfg = tiny_config(tp, ep, DEEPSEEK)
+    ref_losses, ref_grads, ref_params = reference_run(cfg, dp=world // tp)
+    results = run_ranks(_deepspeed_run, world, args=(tp, ep, stage, DEEPSEEK), timeout=300)
+    worst = {"loss": 0.0, "grad": 0.0, "param": 0.0}
+    for losses, grads, params in results:
+        worst["loss"] = max([worst["loss"]] + [abs(a - b) for a, b in zip(losses, ref_losses)])
+        for step in range(STEPS):
+            worst["grad"] = max(worst["grad"], _max_diff(grads[step], ref_grads[step]))
+        worst["param"] = max(worst["param"], _max_diff(params, ref_params))
+    print(f"deepseek options, max abs diff world={world} tp={tp} ep={ep} zero={stage}: {worst}")
+    assert all(worst[k] < TOL[k] for k in TOL), worst
+    assert ref_params["blocks.1.ffn.router.expert_bias"].abs().max() > 0
 
 
 def test_zero0_with_expert_parallel_is_refused():

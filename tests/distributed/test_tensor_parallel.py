@@ -335,12 +335,23 @@ def _model_config(positions, tied):
     return cfg
 
 
-def _model(rank, world, tp, positions, tied):
+# GQA (2 kv heads on 4 query heads), qk-norm, RMSNorm, biases, SwiGLU dense MLP, a gated
+# SwiGLU shared expert and a dense first block: every TP rule of the plan at once.
+ARCH_OPTIONS = {"model": dict(d_model=16, n_heads=4, n_kv_heads=2, qk_norm=True, norm="rmsnorm",
+                              bias=True, mlp_activation="swiglu", rope_theta=500.0, n_layers=3),
+                "moe": dict(every=1, first_dense_layers=1, num_shared_experts=1,
+                            shared_expert_ffn_dim=6, shared_expert_gate=True, activation="swiglu")}
+
+
+def _model(rank, world, tp, positions, tied, options=None):
     from dmoe.model.transformer import MoETransformer
     from dmoe.parallel.tensor_parallel.apply import apply_tensor_parallel
 
     group, seed = tp_group(rank, world, tp), 100 * (rank // tp)
     cfg = _model_config(positions, tied)
+    for section, values in (options or {}).items():
+        for key, value in values.items():
+            setattr(getattr(cfg, section), key, value)
     torch.manual_seed(0)
     model = MoETransformer(cfg).double()
     for m in model.modules():
@@ -375,6 +386,11 @@ def _model(rank, world, tp, positions, tied):
 def test_model_matches_single_process(world, tp, positions, tied):
     # the model computes its cross-entropy and router in float32, hence the tolerance
     check(run_ranks(_model, world, (tp, positions, tied)), tol=1e-6)
+
+
+@pytest.mark.parametrize("world,tp", [(2, 2), (4, 2)])
+def test_architecture_options_match_single_process(world, tp):
+    check(run_ranks(_model, world, (tp, "rotary", False, ARCH_OPTIONS)), tol=1e-6)
 
 
 def _model_tp_ep(rank, world, tp, ep):

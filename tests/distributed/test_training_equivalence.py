@@ -6,16 +6,25 @@ import torch.distributed as dist
 from dmoe.parallel.layout import ParallelLayout, build_process_groups
 from dmoe.parallel.parallelize import parallelize
 from dmoe.train.engines import TorchEngine
+from dmoe.train.step import update_router_biases
 from tests._dist import run_ranks
 
-from .equivalence import STEPS, batch, build_full_model, full_tensors, reference_run, tiny_config
+from .equivalence import (
+    DEEPSEEK,
+    STEPS,
+    batch,
+    build_full_model,
+    full_tensors,
+    reference_run,
+    tiny_config,
+)
 
 # (world size, tp, ep): dp2; dp2 ep2; tp2; dp4 ep2; dp4 ep4; dp2 tp2 ep2
 LAYOUTS = [(2, 1, 1), (2, 1, 2), (2, 2, 1), (4, 1, 2), (4, 1, 4), (4, 2, 2)]
 
 
-def _torch_engine_run(rank, world, tp, ep):
-    cfg = tiny_config(tp, ep)
+def _torch_engine_run(rank, world, tp, ep, extra=()):
+    cfg = tiny_config(tp, ep, extra)
     groups = build_process_groups(ParallelLayout(world, tp=tp, ep=ep), rank)
     model = parallelize(build_full_model(cfg), groups)
     engine = TorchEngine(model, cfg, groups)
@@ -24,6 +33,8 @@ def _torch_engine_run(rank, world, tp, ep):
         out = engine.forward(*batch(step, groups.index("dp")))
         engine.backward(out.loss)
         engine.step(cfg.train.lr)
+        if cfg.moe.bias_update_rate:
+            update_router_biases(engine.module, [out], groups, cfg.moe.bias_update_rate)
         loss = out.loss.detach().clone()
         dist.all_reduce(loss, group=groups.dp)
         losses.append(float(loss) / groups.size("dp"))
@@ -53,3 +64,22 @@ def test_torch_engine_matches_single_process(world, tp, ep):
     # the layouts must not all be trivially equal: parameters moved
     start = build_full_model(tiny_config(tp, ep))
     assert max(float((p - ref_params[n]).abs().max()) for n, p in start.named_parameters()) > 1e-3
+
+
+DEEPSEEK_LAYOUTS = [(2, 1, 2), (4, 2, 2), (4, 1, 4)]
+
+
+@pytest.mark.parametrize("world,tp,ep", DEEPSEEK_LAYOUTS,
+                         ids=[f"w{w}-tp{t}-ep{e}" for w, t, e in DEEPSEEK_LAYOUTS])
+def test_deepseek_options_match_single_process(world, tp, ep):
+    """Sigmoid + groups + loss-free bias + sequence loss + shared expert + dense first block:
+    every rank ends each step with the reference's expert bias (compared as a parameter)."""
+    cfg = tiny_config(tp, ep, DEEPSEEK)
+    ref_losses, ref_grads, ref_params = reference_run(cfg, dp=world // tp)
+    results = run_ranks(_torch_engine_run, world, args=(tp, ep, DEEPSEEK), timeout=180)
+    for losses, grads, params in results:
+        assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 1e-12
+        assert max(_max_diff(g, r) for g, r in zip(grads, ref_grads)) < 1e-12
+        assert _max_diff(params, ref_params) < 1e-12
+    bias = ref_params["blocks.1.ffn.router.expert_bias"]
+    assert bias.abs().max() > 0  # the bias moved: the update was exercised

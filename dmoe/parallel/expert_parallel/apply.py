@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 def _local_experts(experts: GroupedExperts, index: torch.Tensor) -> GroupedExperts:
     with torch.device("meta"):  # no init work, no draw from the RNG
         local = GroupedExperts(len(index), experts.d_model, experts.d_ff, experts.activation,
-                               impl=experts.impl)
+                               impl=experts.impl, recompute=experts.recompute)
     local.compute_dtype = experts.compute_dtype
     for name in ("w1", "w2"):
         full = getattr(experts, name)

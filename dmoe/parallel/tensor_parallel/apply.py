@@ -10,6 +10,7 @@ TP version (Megatron's layout; one all-reduce per sub-layer forward, one per bac
     lm_head                      ColumnParallelLinear (vocab-sharded logits; tied to tok_emb
                                  if it was)
     model.criterion              VocabParallelCrossEntropy (the logits are never gathered)
+    q_norm, k_norm (qk_norm)     replicated, marked tp_partial: each rank normed its own heads
     MoE layers                   token-sliced: every TP rank holds the same tokens; it routes
                                  only its 1/tp slice, and the outputs are all-gathered
                                  (experts are not TP-sharded, so under EP each TP rank sends
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dmoe.model.transformer import Attention
 from dmoe.moe.layer import MoELayer, MoEStats
 from dmoe.parallel import param_roles
 from dmoe.parallel.plan import TP, ShardRule, sharding_plan
@@ -57,6 +59,12 @@ def apply_tensor_parallel(model: nn.Module, tp_group: dist.ProcessGroup | None) 
     No communication."""
     tp, rank = group_size(tp_group), group_rank(tp_group)
     tied = model.lm_head.weight is model.tok_emb.weight
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            _check_heads(name, module, tp)
+            for norm in (module.q_norm, module.k_norm):
+                for param in norm.parameters() if norm is not None else ():
+                    param_roles.mark_tp_partial(param)  # each TP rank normed its own heads
     for name, rule in sharding_plan(model).items():
         if rule.kind == TP and name.endswith(".weight"):
             _swap(model, name.removesuffix(".weight"), rule, tp_group)
@@ -81,10 +89,6 @@ def _swap(model: nn.Module, path: str, rule: ShardRule, group: dist.ProcessGroup
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     module = getattr(parent, child)
-    if rule.unit > 1 and module.weight.shape[rule.dim] // rule.chunks // rule.unit < group_size(group):
-        raise ValueError(f"{parent_path}: model.n_heads "
-                         f"({module.weight.shape[rule.dim] // rule.chunks // rule.unit}) "
-                         f"must be at least parallel.tp ({group_size(group)})")
     if isinstance(module, nn.Embedding):
         tp_module = VocabParallelEmbedding(module, group)
     elif rule.dim == 0:
@@ -92,6 +96,14 @@ def _swap(model: nn.Module, path: str, rule: ShardRule, group: dist.ProcessGroup
     else:
         tp_module = RowParallelLinear(module, group, unit=rule.unit)
     setattr(parent, child, tp_module)
+
+
+def _check_heads(where: str, attn: Attention, tp: int) -> None:
+    if attn.n_heads < tp:
+        raise ValueError(f"{where}: model.n_heads ({attn.n_heads}) must be at least parallel.tp ({tp})")
+    if attn.n_kv_heads != attn.n_heads and attn.n_kv_heads % tp:
+        raise ValueError(f"{where}: model.n_kv_heads ({attn.n_kv_heads}) must be divisible by "
+                         f"parallel.tp ({tp})")
 
 
 # ---------------------------------------------------------------- MoE token slicing
@@ -104,6 +116,8 @@ class _TokenSlicer:
         self.group, self.input_shape = group, None
 
     def slice(self, moe: MoELayer, args: tuple) -> tuple[torch.Tensor]:
+        """Whole sequences per slice when the batch divides by tp (so the sequence-wise
+        balance loss sees whole sequences), else a flat slice of the tokens."""
         (x_BSD,) = args
         tokens, tp = x_BSD.numel() // x_BSD.shape[-1], group_size(self.group)
         if tokens % tp:
@@ -112,6 +126,8 @@ class _TokenSlicer:
                 f"parallel.tp ({tp}) for a token-sliced MoE layer"
             )
         self.input_shape = x_BSD.shape
+        if x_BSD.dim() == 3 and x_BSD.shape[0] % tp == 0:
+            return (split_first_dim(x_BSD, self.group),)
         return (split_first_dim(x_BSD.reshape(tokens, x_BSD.shape[-1]), self.group),)
 
     def gather(self, moe: MoELayer, args: tuple, output: tuple) -> tuple[torch.Tensor, MoEStats]:
@@ -125,7 +141,7 @@ def slice_moe_tokens(moe: MoELayer, tp_group: dist.ProcessGroup | None) -> MoELa
 
     Hooks, so parameter names (and checkpoints) stay those of the plain model.
     Communication: forward one all-gather of the outputs, one all-reduce of the routing
-    counts and one of the two router losses; backward one all-gather of the input grad.
+    counts and one of the three router losses; backward one all-gather of the input grad.
     """
     slicer = _TokenSlicer(tp_group)
     moe.register_forward_pre_hook(slicer.slice)
@@ -136,11 +152,19 @@ def slice_moe_tokens(moe: MoELayer, tp_group: dist.ProcessGroup | None) -> MoELa
 
 
 def combine_stats(stats: MoEStats, group: dist.ProcessGroup | None) -> MoEStats:
-    """Whole-batch stats from per-slice ones. Communication: two all-reduces."""
+    """Whole-batch stats from per-slice ones. Communication: two all-reduces.
+
+    Losses are the mean over slices. The sequence-wise loss equals the unsliced one when
+    every slice holds whole sequences (batch divisible by tp, see _TokenSlicer.slice);
+    otherwise each slice counts as one sequence.
+    """
     tp = group_size(group)
     counts_2E = torch.stack([stats.routed_E, stats.kept_E])
     if tp > 1:
         counts_2E = counts_2E.clone()
         dist.all_reduce(counts_2E, group=group)
-    losses = reduce_from_region(torch.stack([stats.aux_loss, stats.z_loss]) / tp, group)
-    return MoEStats(counts_2E[0], counts_2E[1], losses[0], losses[1], stats.capacity)
+    losses = reduce_from_region(
+        torch.stack([stats.aux_loss, stats.z_loss, stats.seq_aux_loss]) / tp, group
+    )
+    return MoEStats(counts_2E[0], counts_2E[1], aux_loss=losses[0], z_loss=losses[1],
+                    seq_aux_loss=losses[2], capacity=stats.capacity)

@@ -102,11 +102,17 @@ class DeepSpeedEngine:
     # tensor-fragment API (param_states is then a collective: call it for every param on
     # every rank)
     def param_states(self, param: nn.Parameter) -> dict:
+        if not param.requires_grad:  # e.g. a router's expert bias: no optimizer state
+            return {"param": param.detach()}
         if optimizer_state.is_zero_partitioned(param):
             return optimizer_state.zero_states(self.optimizer, param)
         return optimizer_state.torch_states(self._plain_optimizer(param), param)
 
     def load_param_states(self, param: nn.Parameter, states: dict) -> None:
+        if not param.requires_grad:
+            with torch.no_grad():
+                param.copy_(states["param"])
+            return
         if optimizer_state.is_zero_partitioned(param):
             optimizer_state.set_zero_states(self.optimizer, param, states)
         else:
