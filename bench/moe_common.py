@@ -13,10 +13,24 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dmoe.model.transformer import SharedExpert  # noqa: E402
+from dmoe.moe.dispatcher import CapacitySettings  # noqa: E402
 from dmoe.moe.layer import MoELayer  # noqa: E402
 
+# D_FF is the default grid's expert width (old results stay comparable); a case may set its
+# own (the fine-grained set's, FINE_D_FF in moe_layer.py).
 D_MODEL, D_FF, MIN_CAPACITY = 256, 1024, 4
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build_dmoe(experts, k, cf, d_ff=D_FF, activation="gelu", expert_dtype="float32") -> MoELayer:
+    """dmoe's layer as every case builds it, each constructor option spelled out: softmax
+    top-k with the top-k gates renormalised (DeepSpeed's gating), no jitter, no groups,
+    route scale 1, no loss-free bias, experts not recomputed; drop policy "position"."""
+    return MoELayer(D_MODEL, experts, k, d_ff, CapacitySettings(cf, cf, MIN_CAPACITY, "position"),
+                    activation=activation, jitter_eps=0.0, normalize_topk=True,
+                    expert_dtype=expert_dtype, score_func="softmax", route_scale=1.0,
+                    num_groups=1, topk_groups=1, bias_update_rate=0.0, recompute_experts=False)
 
 
 class BenchExpert(nn.Module):
@@ -26,11 +40,11 @@ class BenchExpert(nn.Module):
     matmuls (a no-op in float32) and hands back the input dtype.
     """
 
-    def __init__(self, activation: str, dtype: torch.dtype):
+    def __init__(self, activation: str, dtype: torch.dtype, d_ff: int = D_FF):
         super().__init__()
-        width = 2 * D_FF if activation == "swiglu" else D_FF
+        width = 2 * d_ff if activation == "swiglu" else d_ff
         self.fc1 = nn.Linear(D_MODEL, width, bias=False)
-        self.fc2 = nn.Linear(D_FF, D_MODEL, bias=False)
+        self.fc2 = nn.Linear(d_ff, D_MODEL, bias=False)
         self.activation, self.dtype = activation, dtype
 
     def forward(self, x):
@@ -57,6 +71,20 @@ def init_deepspeed():
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
 
 
+def deepspeed_gating(k: int) -> str | None:
+    """The DeepSpeed gate function that serves top-k, or None where the installed version
+    cannot (before topkgating, TopKGate took k in {1, 2} only)."""
+    import inspect
+
+    with contextlib.redirect_stdout(sys.stderr):  # keep stdout to JSON lines
+        from deepspeed.moe import sharded_moe
+
+    if k in (1, 2):
+        return f"top{k}gating"
+    forward = inspect.getsource(sharded_moe.TopKGate.forward)
+    return "topkgating" if "topkgating(" in forward else None
+
+
 def build_deepspeed(layer: MoELayer, k, cf, activation, dtype, ep_size=1, first_expert=0):
     """DeepSpeed MoE with dmoe's router and expert weights, so both route identically.
 
@@ -68,7 +96,7 @@ def build_deepspeed(layer: MoELayer, k, cf, activation, dtype, ep_size=1, first_
     from deepspeed.moe.layer import MoE
 
     num_experts = layer.router.num_experts
-    ds = MoE(D_MODEL, BenchExpert(activation, dtype), num_experts=num_experts, k=k,
+    ds = MoE(D_MODEL, BenchExpert(activation, dtype, layer.experts.d_ff), num_experts=num_experts, k=k,
              capacity_factor=cf or 1.0, eval_capacity_factor=cf or 1.0, min_capacity=MIN_CAPACITY,
              drop_tokens=cf is not None, use_rts=False, top2_2nd_expert_sampling=False,
              ep_size=ep_size)
@@ -82,14 +110,50 @@ def build_deepspeed(layer: MoELayer, k, cf, activation, dtype, ep_size=1, first_
     return ds
 
 
-class Limit:
-    """The bare expert MLPs on `counts` rows per expert: no router, dispatch or combine."""
+class WithShared(nn.Module):
+    """A MoE layer plus an always-on shared MLP on the same input: moe(x) + shared(x), as
+    dmoe's transformer Block adds its SharedExpert. Keeps the wrapped layer's return
+    shape: (y, stats) for dmoe, (y, l_aux, exp_counts) for DeepSpeed."""
 
-    def __init__(self, layer: MoELayer, counts, activation, dtype, gen):
+    def __init__(self, moe: nn.Module, shared: nn.Module):
+        super().__init__()
+        self.moe, self.shared = moe, shared
+
+    def forward(self, x):
+        y, *rest = self.moe(x)
+        return (y + self.shared(x), *rest)
+
+
+def build_shared(d_ff_shared, activation):
+    """dmoe's SharedExpert (ungated, DeepSeek-style) and DeepSpeed's twin with its weights:
+    a BenchExpert of the same width in fp32 (the shared MLP is dense: no expert dtype)."""
+    shared = SharedExpert(D_MODEL, d_ff_shared, activation, gated=False)
+    twin = BenchExpert(activation, torch.float32, d_ff_shared)
+    with torch.no_grad():
+        twin.fc1.weight.copy_(shared.mlp.fc1.weight)
+        twin.fc2.weight.copy_(shared.mlp.fc2.weight)
+    return shared, twin
+
+
+class Limit:
+    """The bare expert MLPs on `counts` rows per expert: no router, dispatch or combine.
+
+    With `shared` (a SharedExpert) it also runs the shared MLP's two GEMMs on `tokens`
+    rows, in the same backward.
+    """
+
+    def __init__(self, layer: MoELayer, counts, activation, dtype, gen, shared=None, tokens=0):
         self.counts, self.activation, self.dtype = counts, activation, dtype
         n = sum(counts)
         self.x = torch.randn(n, D_MODEL, generator=gen).requires_grad_()
         self.grad = torch.randn(n, D_MODEL, generator=gen)
+        self.shared = []
+        if shared is not None:
+            self.sx = torch.randn(tokens, D_MODEL, generator=gen).requires_grad_()
+            self.sgrad = torch.randn(tokens, D_MODEL, generator=gen)
+            self.sw1 = shared.mlp.fc1.weight.detach().clone().requires_grad_()
+            self.sw2 = shared.mlp.fc2.weight.detach().clone().requires_grad_()
+            self.shared = [self.sx, self.sw1, self.sw2]
         ex = layer.experts
         # Per-expert nn.Linear-layout weights (separate leaves, like DeepSpeed's ModuleList).
         self.w1s = [ex.w1[e].detach().t().contiguous().requires_grad_() for e in range(ex.num_experts)]
@@ -99,23 +163,31 @@ class Limit:
         self.offs = torch.tensor(counts).cumsum(0).to(torch.int32)
 
     def params(self):
-        return [self.x, self.w1, self.w2, *self.w1s, *self.w2s]
+        return [self.x, self.w1, self.w2, *self.w1s, *self.w2s, *self.shared]
+
+    def _backward(self, y):
+        """Backward of the routed rows' output, together with the shared MLP's (fp32)."""
+        if not self.shared:
+            return y.float().backward(self.grad)
+        y_shared = F.linear(activate(F.linear(self.sx, self.sw1), self.activation), self.sw2)
+        torch.autograd.backward((y.float(), y_shared), (self.grad, self.sgrad))
 
     def linear_loop(self):
         dt, ys = self.dtype, []
         for e, x_n in enumerate(self.x.split(self.counts)):
             h = F.linear(x_n.to(dt), self.w1s[e].to(dt))
             ys.append(F.linear(activate(h, self.activation), self.w2s[e].to(dt)))
-        torch.cat(ys).float().backward(self.grad)
+        self._backward(torch.cat(ys))
 
     def grouped(self):
         dt = self.dtype
         h = torch._grouped_mm(self.x.to(dt), self.w1.to(dt), offs=self.offs)
         y = torch._grouped_mm(activate(h, self.activation), self.w2.to(dt), offs=self.offs)
-        y.float().backward(self.grad)
+        self._backward(y)
 
 
 def layer_step(module, x, grad, is_ds):
+    """One forward + backward of a layer (dmoe's or DeepSpeed's, either maybe WithShared)."""
     if is_ds:
         y, aux, _ = module(x)
     else:
@@ -128,3 +200,18 @@ def layer_step(module, x, grad, is_ds):
 
 def parse_cf(text: str):
     return None if text in ("dropless", "none", "0") else float(text)
+
+
+def peak_live_bytes(fn) -> int:
+    """High-water mark of live CPU tensor bytes during fn() above the level at its start
+    (torch.profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for e in sorted(records, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak

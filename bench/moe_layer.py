@@ -6,6 +6,8 @@
     .venv/bin/python bench/moe_layer.py --quick --expert-dtype bfloat16 --activation swiglu
     .venv/bin/python bench/moe_layer.py --profile --tokens 4096 --experts 128 --k 2
     .venv/bin/python bench/moe_layer.py --ep 2 --tokens 4096 --experts 8 32 --cf 1.25 dropless
+    .venv/bin/python bench/moe_layer.py --fine-grained        # E 64/128, k 6/8, ffn 256 (8 cases)
+    .venv/bin/python bench/moe_layer.py --shared              # the same plus a shared expert
 
 One JSON line per case on stdout, a readable table at the end (stderr). Every
 implementation is timed in the same process, one thread, interleaved rep by rep (the
@@ -16,6 +18,16 @@ and one torch._grouped_mm per matmul. Peak memory is the high-water mark of live
 CPU tensor bytes during one step, above what was live when it began (parameters and
 inputs excluded, gradients included), from the profiler's allocation records.
 --ep 2 runs each case expert-parallel over two forked gloo ranks (bench/moe_layer_ep.py).
+
+Case sets: the grid (tokens x experts x k x cf, expert ffn D_FF = 1024); --quick (3 grid
+cases); --fine-grained (T 4096, E {64, 128}, k {6, 8}, cf {1.25, dropless}, expert ffn
+FINE_D_FF = 256, so k=8 does the grid's k=2 expert FLOPs per token); --shared (the
+fine-grained cases, or the --quick ones with --quick, plus an always-on shared MLP of
+width 2 x the expert ffn beside the experts: dmoe's SharedExpert, DeepSpeed's layer plus a
+separate MLP of the same weights, the limit plus the shared MLP's GEMMs).
+--tokens/--experts/--k/--cf narrow or replace the chosen set's values.
+Where the installed DeepSpeed cannot express a case (top-k beyond 2 before its
+topkgating), its figures are null and "deepspeed_note" says why.
 """
 from __future__ import annotations
 
@@ -28,6 +40,7 @@ import os
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -36,16 +49,17 @@ from moe_common import (  # noqa: E402  (bench/ is on sys.path: the script's dir
     D_FF,
     D_MODEL,
     DTYPES,
-    MIN_CAPACITY,
     Limit,
+    WithShared,
     build_deepspeed,
+    build_dmoe,
+    build_shared,
+    deepspeed_gating,
     init_deepspeed,
     layer_step,
     parse_cf,
+    peak_live_bytes,
 )
-
-from dmoe.moe.dispatcher import CapacitySettings  # noqa: E402
-from dmoe.moe.layer import MoELayer  # noqa: E402
 
 # glibc by default mmaps blocks over 32 MiB and returns them on free, so every step page-faults
 # its big tensors back in (measured 20-40% of a step as kernel time, varying run to run).
@@ -53,6 +67,23 @@ from dmoe.moe.layer import MoELayer  # noqa: E402
 # itself with them unless --system-malloc.
 CACHING_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40),
                   "MALLOC_TOP_PAD_": str(256 << 20)}
+
+# Case sets: values of --tokens/--experts/--k/--cf when not given.
+GRID = dict(tokens=[4096, 16384], experts=[8, 32, 128], k=[1, 2], cf=["1.0", "1.25", "2.0", "dropless"])
+FINE = dict(tokens=[4096], experts=[64, 128], k=[6, 8], cf=["1.25", "dropless"])
+QUICK = [(4096, 8, 1, "1.25"), (4096, 32, 2, "1.0"), (4096, 128, 2, "dropless")]
+# Fine-grained expert width: k=8 x 256 = 2 x 1024, the grid's k=2 expert FLOPs per token
+# (k=6: 3/4 of them).
+FINE_D_FF = 256
+
+
+class Case(NamedTuple):
+    tokens: int
+    experts: int
+    k: int
+    cf: str  # as on the command line: "1.25", "dropless"
+    d_ff: int = D_FF
+    shared_ff: int | None = None  # width of the shared expert's MLP, None: no shared expert
 
 
 def timed(fns: dict, params: dict, warmup: int, budget_s: float, min_reps: int, max_reps: int):
@@ -84,46 +115,45 @@ def timed(fns: dict, params: dict, warmup: int, budget_s: float, min_reps: int, 
 
 
 def peak_bytes(fn, params) -> int:
-    """High-water mark of live CPU tensor bytes during fn() above the level at its start."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """High-water mark of live CPU tensor bytes during fn(), its params' grads cleared first."""
     for p in params:
         p.grad = None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    records = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    for e in sorted(records, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    return peak_live_bytes(fn)
 
 
-def run_case(args, tokens, experts, k, cf, seed=0):
+def run_case(args, case: Case, seed=0):
+    tokens, experts, k, cf = case.tokens, case.experts, case.k, parse_cf(case.cf)
     torch.manual_seed(seed)
     dtype = DTYPES[args.expert_dtype]
     gen = torch.Generator().manual_seed(seed + 1)
     layers = {}
+    shared = ds_shared = None
     for impl in args.impls:
         torch.manual_seed(seed)  # identical weights for every dmoe variant
-        layer = MoELayer(D_MODEL, experts, k, D_FF, CapacitySettings(cf, cf, MIN_CAPACITY, "position"),
-                         activation=args.activation, expert_dtype=args.expert_dtype)
+        layer = build_dmoe(experts, k, cf, case.d_ff, args.activation, args.expert_dtype)
         layer.experts.impl = impl
+        if case.shared_ff:
+            shared, ds_shared = build_shared(case.shared_ff, args.activation)  # same seed: same weights
+            layer = WithShared(layer, shared)
         layers[f"dmoe_{impl}" if len(args.impls) > 1 else "dmoe"] = layer
     first = next(iter(layers.values()))
+    first_moe = first.moe if case.shared_ff else first
     x = torch.randn(1, tokens, D_MODEL, generator=gen).requires_grad_()
     grad = torch.randn(1, tokens, D_MODEL, generator=gen)
 
     _, stats = first(x)
     kept = stats.kept_E.tolist()
-    limit = Limit(first, kept, args.activation, dtype, gen)
+    limit = Limit(first_moe, kept, args.activation, dtype, gen, shared, tokens)
     fns, params = {}, {}
     for name, layer in layers.items():
         fns[name] = lambda layer=layer: layer_step(layer, x, grad, False)
         params[name] = [x, *layer.parameters()]
     ds = None
-    if not args.no_deepspeed:
-        ds = build_deepspeed(first, k, cf, args.activation, dtype)
+    gating = None if args.no_deepspeed else deepspeed_gating(k)
+    if gating is not None:
+        ds = build_deepspeed(first_moe, k, cf, args.activation, dtype)
+        if case.shared_ff:
+            ds = WithShared(ds, ds_shared)
         fns["deepspeed"] = lambda: layer_step(ds, x, grad, True)
         params["deepspeed"] = [x, *ds.parameters()]
     fns["limit_linear"], params["limit_linear"] = limit.linear_loop, limit.params()
@@ -131,12 +161,22 @@ def run_case(args, tokens, experts, k, cf, seed=0):
 
     wall, cpu, fastest, reps = timed(fns, params, args.warmup, args.budget, args.min_reps, args.max_reps)
     row = dict(tokens=tokens, experts=experts, k=k, cf=cf if cf is not None else "dropless",
+               d_ff=case.d_ff, shared_ff=case.shared_ff,
                activation=args.activation, expert_dtype=args.expert_dtype, reps=reps,
                kept_rows=sum(kept), routed_rows=tokens * k, capacity=stats.capacity,
                threads=torch.get_num_threads(),
                malloc="caching" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "system")
     limit_name = min(("limit_linear", "limit_grouped"), key=wall.get)
-    row["dmoe_impls"] = [layer.experts.resolve_impl(limit.x, kept) for layer in layers.values()]
+    row["dmoe_impls"] = [(lay.moe if case.shared_ff else lay).experts.resolve_impl(limit.x, kept)
+                         for lay in layers.values()]
+    if not args.no_deepspeed:
+        row["deepspeed_gating"] = gating
+        note = deepspeed_note(k, cf, gating)
+        if note:
+            row["deepspeed_note"] = note
+        if ds is None:  # DeepSpeed cannot express the case: its figures are null
+            row.update(deepspeed_ms=None, deepspeed_cpu_ms=None, deepspeed_min_ms=None,
+                       deepspeed_tok_s=None, ds_max_abs_diff=None)
     row["limit_ms"], row["limit_formulation"] = 1e3 * wall[limit_name], limit_name[6:]
     row["limit_cpu_ms"] = 1e3 * min(cpu["limit_linear"], cpu["limit_grouped"])
     for name in fns:
@@ -154,12 +194,28 @@ def run_case(args, tokens, experts, k, cf, seed=0):
             row[f"{name}_overhead_min"] = fastest[name] / min(fastest["limit_linear"], fastest["limit_grouped"])
             if ds is not None:
                 row[f"{name}_speedup_vs_ds"] = wall["deepspeed"] / wall[name]
+            elif not args.no_deepspeed:
+                row[f"{name}_speedup_vs_ds"] = None
     if not args.no_memory:
         row["limit_peak_mib"] = peak_bytes(fns[limit_name], params[limit_name]) / 2**20
+        if ds is None and not args.no_deepspeed:
+            row["deepspeed_peak_mib"] = None
     if ds is not None:
         with torch.no_grad():  # same routing and weights: dropless outputs must agree
             row["ds_max_abs_diff"] = (first(x)[0] - ds(x)[0]).abs().max().item()
     return row
+
+
+def deepspeed_note(k, cf, gating):
+    """What keeps DeepSpeed from the case, or from computing the same thing as dmoe in it."""
+    if gating is None:
+        import deepspeed
+
+        return f"k={k} not supported (deepspeed {deepspeed.__version__}: top-1/top-2 gating only)"
+    if gating == "topkgating" and cf is not None:
+        return ("topkgating drops by gate value (drop_policy 'probs', not settable through MoE), "
+                "dmoe by position")
+    return None
 
 
 def profile_case(args):
@@ -167,9 +223,7 @@ def profile_case(args):
 
     torch.manual_seed(0)
     cf = parse_cf(args.cf[0])
-    layer = MoELayer(D_MODEL, args.experts[0], args.k[0], D_FF,
-                     CapacitySettings(cf, cf, MIN_CAPACITY, "position"), activation=args.activation,
-                     expert_dtype=args.expert_dtype)
+    layer = build_dmoe(args.experts[0], args.k[0], cf, args.d_ff, args.activation, args.expert_dtype)
     x = torch.randn(1, args.tokens[0], D_MODEL).requires_grad_()
     grad = torch.randn_like(x)
     params = [x, *layer.parameters()]
@@ -186,14 +240,25 @@ def profile_case(args):
 
 def print_table(rows, impls, file=sys.stderr):
     dm = [f"dmoe_{i}" if len(impls) > 1 else "dmoe" for i in impls]
-    head = ["T", "E", "k", "cf", "rows"] + [f"{n} ms" for n in dm] + ["DS ms", "limit ms"]
+    # expert ffn and shared-expert columns only where a row leaves the grid's (old runs print as before)
+    ffn = any(r.get("d_ff", D_FF) != D_FF or r.get("shared_ff") for r in rows)
+    head = ["T", "E", "k", "cf"] + (["ffn", "shared"] if ffn else []) + ["rows"]
+    head += [f"{n} ms" for n in dm] + ["DS ms", "limit ms"]
     head += [f"{n} tok/s" for n in dm] + [f"{n}/DS" for n in dm] + [f"{n}/limit" for n in dm]
     head += [f"{n}/limit (min)" for n in dm]
     head += [f"{n} MiB" for n in dm] + ["DS MiB", "limit MiB"]
-    lines = [head]
+    lines, notes = [head], {}
     for r in rows:
-        get = lambda key, fmt="{:.0f}": fmt.format(r[key]) if key in r else "-"  # noqa: E731
-        line = [str(r["tokens"]), str(r["experts"]), str(r["k"]), str(r["cf"]), str(r["kept_rows"])]
+        def get(key, fmt="{:.0f}"):
+            if key not in r:
+                return "-"
+            return "n/a" if r[key] is None else fmt.format(r[key])
+        line = [str(r["tokens"]), str(r["experts"]), str(r["k"]), str(r["cf"])]
+        if ffn:
+            line += [str(r.get("d_ff", D_FF)), str(r.get("shared_ff") or "-")]
+        line += [str(r["kept_rows"])]
+        if r.get("deepspeed_note"):
+            notes.setdefault(r["deepspeed_note"], []).append(f"E={r['experts']} k={r['k']} cf={r['cf']}")
         line += [get(f"{n}_ms") for n in dm] + [get("deepspeed_ms"), get("limit_ms")]
         line += [get(f"{n}_tok_s") for n in dm]
         line += [get(f"{n}_speedup_vs_ds", "{:.2f}x") for n in dm]
@@ -204,15 +269,27 @@ def print_table(rows, impls, file=sys.stderr):
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
         print("  ".join(c.rjust(w) for c, w in zip(line, widths)), file=file)
+    for note, where in notes.items():
+        print(f"DeepSpeed ({', '.join(where)}): {note}", file=file)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
-    p.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128])
-    p.add_argument("--k", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--cf", nargs="+", default=["1.0", "1.25", "2.0", "dropless"])
-    p.add_argument("--quick", action="store_true", help="3 cases at 4096 tokens")
+    p.add_argument("--tokens", type=int, nargs="+", help=f"default {GRID['tokens']}")
+    p.add_argument("--experts", type=int, nargs="+", help=f"default {GRID['experts']}")
+    p.add_argument("--k", type=int, nargs="+", help=f"default {GRID['k']}")
+    p.add_argument("--cf", nargs="+", help=f"default {GRID['cf']}")
+    sets = p.add_mutually_exclusive_group()
+    sets.add_argument("--quick", action="store_true", help="3 cases at 4096 tokens")
+    sets.add_argument("--fine-grained", action="store_true",
+                      help=f"tokens {FINE['tokens']} x experts {FINE['experts']} x k {FINE['k']} x "
+                           f"cf {FINE['cf']}, expert ffn {FINE_D_FF}")
+    p.add_argument("--shared", action="store_true",
+                   help="add a shared expert (always-on MLP, width --shared-ff) to every case; "
+                        "without --quick it runs the --fine-grained set")
+    p.add_argument("--d-ff", type=int,
+                   help=f"expert ffn dim (default {D_FF}, with --fine-grained/--shared {FINE_D_FF})")
+    p.add_argument("--shared-ff", type=int, help="shared expert's ffn dim (default 2 x --d-ff)")
     p.add_argument("--impls", default="auto",
                    help="dmoe expert formulations, comma separated: auto, fused, loop, torch_grouped_mm")
     p.add_argument("--activation", default="gelu", choices=["gelu", "swiglu"])
@@ -230,6 +307,14 @@ def main(argv=None):
     p.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's default (returns big blocks to the OS: page faults every step)")
     args = p.parse_args(argv)
+    args.fine_grained = args.fine_grained or (args.shared and not args.quick)
+    case_set = FINE if args.fine_grained else GRID
+    for key, values in case_set.items():
+        if getattr(args, key) is None:
+            setattr(args, key, values)
+    if args.d_ff is None:
+        args.d_ff = FINE_D_FF if args.fine_grained else D_FF
+    shared_ff = (args.shared_ff or 2 * args.d_ff) if args.shared else None
     if args.table:
         with open(args.table) as f:
             rows = [json.loads(line) for line in f if line.startswith("{")]
@@ -242,24 +327,28 @@ def main(argv=None):
     if not args.system_malloc and os.environ.get("MALLOC_MMAP_MAX_") != "0":
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CACHING_MALLOC})
     args.impls = args.impls.split(",")
-    if args.ep > 1 and (args.impls != ["auto"] or args.no_deepspeed or args.profile):
-        p.error("--ep > 1 runs dmoe (impl auto), DeepSpeed, the limit and the all-to-all alone")
+    if args.ep > 1 and (args.impls != ["auto"] or args.no_deepspeed or args.profile or args.shared):
+        p.error("--ep > 1 runs dmoe (impl auto), DeepSpeed, the limit and the all-to-all alone, "
+                "without a shared expert")
     torch.set_num_threads(1)
     if args.profile:
         return profile_case(args)
     if args.quick:
-        cases = [(4096, 8, 1, "1.25"), (4096, 32, 2, "1.0"), (4096, 128, 2, "dropless")]
+        cases = [Case(*c, args.d_ff, shared_ff) for c in QUICK]
     else:
-        cases = list(itertools.product(args.tokens, args.experts, args.k, args.cf))
+        cases = [Case(*c, args.d_ff, shared_ff)
+                 for c in itertools.product(args.tokens, args.experts, args.k, args.cf)]
     if args.ep > 1:
         import moe_layer_ep
 
+        if any(deepspeed_gating(c.k) is None for c in cases):
+            p.error("--ep > 1: this DeepSpeed has no gating for some k (top-1/top-2 only)")
         return moe_layer_ep.print_table(moe_layer_ep.run(args, cases))
     if not args.no_deepspeed:
         init_deepspeed()
     rows = []
-    for tokens, experts, k, cf in cases:
-        rows.append(run_case(args, tokens, experts, k, parse_cf(cf)))
+    for case in cases:
+        rows.append(run_case(args, case))
         print(json.dumps(rows[-1]), flush=True)
     print_table(rows, args.impls)
 

@@ -33,8 +33,6 @@ import moe_common as bench
 import torch
 import torch.distributed as dist
 
-from dmoe.moe.dispatcher import CapacitySettings
-from dmoe.moe.layer import MoELayer
 from dmoe.parallel.expert_parallel.apply import shard_moe_layer
 
 NAMES = ("dmoe", "deepspeed", "limit", "a2a")  # limit: the faster of limit_linear, limit_grouped
@@ -92,12 +90,10 @@ def _timed_ep(fns, params, args):
     return wall
 
 
-def _case(rank, world, args, tokens, experts, k, cf, seed=0):
+def _case(rank, world, args, tokens, experts, k, cf, d_ff, seed=0):
     torch.manual_seed(seed)
     dtype = bench.DTYPES[args.expert_dtype]
-    layer = MoELayer(bench.D_MODEL, experts, k, bench.D_FF,
-                     CapacitySettings(cf, cf, bench.MIN_CAPACITY, "position"),
-                     activation=args.activation, expert_dtype=args.expert_dtype)
+    layer = bench.build_dmoe(experts, k, cf, d_ff, args.activation, args.expert_dtype)
     num_local = experts // world
     ds = bench.build_deepspeed(layer, k, cf, args.activation, dtype, ep_size=world,
                                first_expert=rank * num_local)
@@ -133,6 +129,7 @@ def _case(rank, world, args, tokens, experts, k, cf, seed=0):
     ranks = [None] * world
     dist.all_gather_object(ranks, mine)
     row = dict(tokens=tokens, experts=experts, k=k, cf="dropless" if cf is None else cf, ep=world,
+               d_ff=d_ff,
                activation=args.activation, expert_dtype=args.expert_dtype, reps=len(wall["dmoe"]),
                threads=torch.get_num_threads(),
                malloc="caching" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "system",
@@ -150,8 +147,9 @@ def _case(rank, world, args, tokens, experts, k, cf, seed=0):
 def _rank_main(rank, world, args, cases):
     _deepspeed_env(rank, world)
     rows = []
-    for tokens, experts, k, cf in cases:
-        rows.append(_case(rank, world, args, tokens, experts, k, bench.parse_cf(cf)))
+    for case in cases:  # moe_layer.Case; the shared expert is not run expert-parallel
+        rows.append(_case(rank, world, args, case.tokens, case.experts, case.k,
+                          bench.parse_cf(case.cf), case.d_ff))
         if rank == 0:
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -168,12 +166,15 @@ def run(args, cases):
 
 
 def print_table(rows, file=sys.stderr):
-    head = ["T/rank", "E", "k", "cf", "rows r0/r1", "dmoe ms", "DS ms", "limit ms", "a2a ms",
-            "dmoe/DS", "dmoe/limit", "dmoe/limit (min)"]
+    ffn = any(r.get("d_ff", bench.D_FF) != bench.D_FF for r in rows)  # column only off the grid's
+    head = ["T/rank", "E", "k", "cf"] + (["ffn"] if ffn else []) + [
+        "rows r0/r1", "dmoe ms", "DS ms", "limit ms", "a2a ms", "dmoe/DS", "dmoe/limit",
+        "dmoe/limit (min)"]
     lines = [head]
     for r in rows:
-        lines.append([str(r["tokens"]), str(r["experts"]), str(r["k"]), str(r["cf"]),
-                      "/".join(map(str, r["rows"]))]
+        lines.append([str(r["tokens"]), str(r["experts"]), str(r["k"]), str(r["cf"])]
+                     + ([str(r.get("d_ff", bench.D_FF))] if ffn else [])
+                     + ["/".join(map(str, r["rows"]))]
                      + [f"{r[f'{n}_ms']:.0f}" for n in NAMES]
                      + [f"{r['dmoe_speedup_vs_ds']:.2f}x", f"{r['dmoe_overhead']:.3f}",
                         f"{r['dmoe_overhead_min']:.3f}"])

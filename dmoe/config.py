@@ -79,6 +79,9 @@ class ParallelConfig:
     tp: int = 1
     ep: int = 1
     backend: str = choice("auto", ["auto", "gloo", "nccl"])
+    # EP all-to-all sends each token once per EP rank (with its experts' gates) instead of
+    # once per chosen expert: fewer bytes whenever a token picks two experts on one rank
+    a2a_dedup: bool = False
 
 
 @dataclass

@@ -38,6 +38,9 @@ EXPERT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 IMPLS = ("auto", "fused", "loop", "torch_grouped_mm")
 # Below this many rows per expert "auto" takes torch._grouped_mm on CPU (bench/README.md).
 GROUPED_MM_MAX_ROWS_PER_EXPERT = 256
+# From this many local experts on, "auto" takes torch._grouped_mm whatever the rows: the
+# fused node's Python loop over experts would cost O(E) per call (fine-grained MoE).
+GROUPED_MM_MIN_EXPERTS = 32
 
 
 def _warn_if_slow_bf16(cpu_capability: str) -> None:
@@ -206,9 +209,9 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w2, std=1 / math.sqrt(self.d_ff))
 
     def resolve_impl(self, x_ND: torch.Tensor, counts: list[int]) -> str:
-        """"auto": on CPU, the fused node, or torch._grouped_mm for many small experts where
-        it measured faster (it takes fp32/bf16, 16-byte aligned rows, a non-empty batch);
-        elsewhere the loop of mm (unchanged from before "auto")."""
+        """"auto": on CPU, the fused node, or torch._grouped_mm for small row blocks per expert
+        or many (fine-grained) experts, where it measured faster (it takes fp32/bf16,
+        16-byte aligned rows, a non-empty batch); elsewhere the loop of mm."""
         if self.impl != "auto":
             return self.impl
         if x_ND.device.type != "cpu":
@@ -217,7 +220,8 @@ class GroupedExperts(nn.Module):
         grouped_ok = (self.compute_dtype in (torch.float32, torch.bfloat16) and x_ND.shape[0] > 0
                       and all(w % 8 == 0 for w in widths))
         small = x_ND.shape[0] < GROUPED_MM_MAX_ROWS_PER_EXPERT * max(1, len(counts))
-        return "torch_grouped_mm" if grouped_ok and small else "fused"
+        many = len(counts) >= GROUPED_MM_MIN_EXPERTS
+        return "torch_grouped_mm" if grouped_ok and (small or many) else "fused"
 
     def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         device_type = x_ND.device.type

@@ -19,5 +19,5 @@ def parallelize(model: nn.Module, groups: ProcessGroups) -> nn.Module:
     if groups.size("ep") > 1:
         from dmoe.parallel.expert_parallel.apply import shard_moe_layers
 
-        shard_moe_layers(model, groups.ep)
+        shard_moe_layers(model, groups.ep, dedup=model.cfg.parallel.a2a_dedup)
     return model

@@ -54,7 +54,10 @@ class MetricsSink:
             for name, value in scalars.items():
                 self._tb.add_scalar(f"{kind}/{name}", value, step)
             for name, values in (lists or {}).items():
-                if name.endswith("load") and sum(values) > 0:
+                if name.endswith("_per_layer"):
+                    for i, value in enumerate(values):
+                        self._tb.add_scalar(f"{kind}/{name.removesuffix('_per_layer')}/moe{i}", value, step)
+                elif name.endswith("load") and sum(values) > 0:
                     # histogram over expert ids, weighted by tokens routed to each
                     ids = np.repeat(np.arange(len(values)), np.asarray(values, dtype=np.int64))
                     self._tb.add_histogram(f"{kind}/{name}", ids, step)

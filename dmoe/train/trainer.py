@@ -76,7 +76,8 @@ def moe_figures(outputs: list[ModelOutput], groups: ProcessGroups) -> tuple[dict
         "load_max_over_mean": float((load.max(-1).values * load.shape[-1]).mean()),
     }
     lists = {"expert_load": routed.sum(0).tolist(),
-             "drop_frac_per_layer": (1 - kept.sum(-1) / routed.sum(-1).clamp(min=1)).tolist()}
+             "drop_frac_per_layer": (1 - kept.sum(-1) / routed.sum(-1).clamp(min=1)).tolist(),
+             "load_max_over_mean_per_layer": (load.max(-1).values * load.shape[-1]).tolist()}
     return scalars, lists
 
 

@@ -13,6 +13,8 @@ from dmoe.train.engines import param_groups
 from .gather import gather_full_tensors
 
 SEED, STEPS, MICRO, SEQ, VOCAB = 7, 3, 2, 8, 32
+# (world size, tp, ep): dp2; dp2 ep2; tp2; dp4 ep2; dp4 ep4; dp2 tp2 ep2
+LAYOUTS = [(2, 1, 1), (2, 1, 2), (2, 2, 1), (4, 1, 2), (4, 1, 4), (4, 2, 2)]
 
 # The DeepSeek-style options on the tiny model (deepseek-tiny's architecture): sigmoid
 # scores, loss-free bias, sequence-wise loss, a shared expert, group-limited routing, a
@@ -21,7 +23,7 @@ DEEPSEEK = ["--moe.score_func=sigmoid", "--moe.bias_update_rate=0.05", "--moe.se
             "--moe.num_shared_experts=1", "--moe.num_groups=2", "--moe.topk_groups=1",
             "--moe.every=1", "--moe.first_dense_layers=1", "--moe.activation=swiglu",
             "--model.norm=rmsnorm", "--model.mlp_activation=swiglu", "--model.n_kv_heads=2",
-            "--moe.route_scale=2.0", "--moe.num_experts=8"]
+            "--moe.route_scale=2.0", "--moe.num_experts=8", "--parallel.a2a_dedup=true"]
 
 
 def tiny_config(tp: int, ep: int, extra: list[str] = ()):

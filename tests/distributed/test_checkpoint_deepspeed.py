@@ -14,6 +14,7 @@ and ep2->ep1 6e-8; with the optimizer state dropped 1.8e-2).
 """
 import os
 
+import deepspeed  # noqa: F401  (a required dependency: imported once, ranks fork with it)
 import pytest
 import torch
 import torch.distributed as dist
@@ -33,8 +34,6 @@ from .equivalence import SEED, full_tensors, tiny_config
 from .test_checkpoint_reshard import _global_batch
 from .test_checkpoint_resume import TINY, _losses, text_dir  # noqa: F401  (fixture)
 from .test_deepspeed_equivalence import _deepspeed_env
-
-deepspeed = pytest.importorskip("deepspeed")  # imported once in the parent: ranks fork with it
 
 TOL = 1e-6  # float32, O(1) weights after lr 0.01 steps: a few ulps
 ROWS = 4

@@ -12,6 +12,7 @@ router, no model-parallel tag on the norm) or the run fails (no expert groups).
 import logging
 import os
 
+import deepspeed  # noqa: F401  (a required dependency: imported once, ranks fork with it)
 import pytest
 import torch.distributed as dist
 
@@ -23,6 +24,7 @@ from tests._dist import run_ranks
 
 from .equivalence import (
     DEEPSEEK,
+    LAYOUTS,
     STEPS,
     batch,
     build_full_model,
@@ -31,9 +33,6 @@ from .equivalence import (
     tiny_config,
 )
 
-deepspeed = pytest.importorskip("deepspeed")  # imported once in the parent: ranks fork with it
-
-LAYOUTS = [(2, 1, 1), (2, 1, 2), (2, 2, 1), (4, 1, 2), (4, 1, 4), (4, 2, 2)]
 TOL = {"loss": 2e-8, "grad": 1e-7, "param": 2e-6}
 
 
@@ -90,17 +89,23 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("stage", [1, 2], ids=["zero1", "zero2"])
-@pytest.mark.parametrize("world,tp,ep", LAYOUTS, ids=[f"w{w}-tp{t}-ep{e}" for w, t, e in LAYOUTS])
-def test_deepspeed_engine_matches_single_process(world, tp, ep, stage):
-    ref_losses, ref_grads, ref_params = reference_run(tiny_config(tp, ep), dp=world // tp)
-    results = run_ranks(_deepspeed_run, world, args=(tp, ep, stage), timeout=300)
+def _worst(results, reference) -> dict:
+    """Largest difference over ranks and steps of loss, every grad and the final params."""
+    ref_losses, ref_grads, ref_params = reference
     worst = {"loss": 0.0, "grad": 0.0, "param": 0.0}
     for losses, grads, params in results:
         worst["loss"] = max([worst["loss"]] + [abs(a - b) for a, b in zip(losses, ref_losses)])
         for step in range(STEPS):
             worst["grad"] = max(worst["grad"], _max_diff(grads[step], ref_grads[step]))
         worst["param"] = max(worst["param"], _max_diff(params, ref_params))
+    return worst
+
+
+@pytest.mark.parametrize("stage", [1, 2], ids=["zero1", "zero2"])
+@pytest.mark.parametrize("world,tp,ep", LAYOUTS, ids=[f"w{w}-tp{t}-ep{e}" for w, t, e in LAYOUTS])
+def test_deepspeed_engine_matches_single_process(world, tp, ep, stage):
+    reference = reference_run(tiny_config(tp, ep), dp=world // tp)
+    worst = _worst(run_ranks(_deepspeed_run, world, args=(tp, ep, stage), timeout=300), reference)
     print(f"max abs diff world={world} tp={tp} ep={ep} zero={stage}: {worst}")
     assert all(worst[k] < TOL[k] for k in TOL), worst
 
@@ -113,18 +118,12 @@ DEEPSEEK_LAYOUTS = [(2, 1, 2), (4, 2, 2)]
                          ids=[f"w{w}-tp{t}-ep{e}" for w, t, e in DEEPSEEK_LAYOUTS])
 def test_deepseek_options_under_deepspeed(world, tp, ep, stage):
     """deepseek-tiny's architecture (loss-free bias included) under ZeRO 1/2."""
-    cfg = tiny_config(tp, ep, DEEPSEEK)
-    ref_losses, ref_grads, ref_params = reference_run(cfg, dp=world // tp)
+    reference = reference_run(tiny_config(tp, ep, DEEPSEEK), dp=world // tp)
     results = run_ranks(_deepspeed_run, world, args=(tp, ep, stage, DEEPSEEK), timeout=300)
-    worst = {"loss": 0.0, "grad": 0.0, "param": 0.0}
-    for losses, grads, params in results:
-        worst["loss"] = max([worst["loss"]] + [abs(a - b) for a, b in zip(losses, ref_losses)])
-        for step in range(STEPS):
-            worst["grad"] = max(worst["grad"], _max_diff(grads[step], ref_grads[step]))
-        worst["param"] = max(worst["param"], _max_diff(params, ref_params))
+    worst = _worst(results, reference)
     print(f"deepseek options, max abs diff world={world} tp={tp} ep={ep} zero={stage}: {worst}")
     assert all(worst[k] < TOL[k] for k in TOL), worst
-    assert ref_params["blocks.1.ffn.router.expert_bias"].abs().max() > 0
+    assert reference[2]["blocks.1.ffn.router.expert_bias"].abs().max() > 0
 
 
 def test_zero0_with_expert_parallel_is_refused():

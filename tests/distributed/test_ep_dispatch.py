@@ -63,9 +63,9 @@ def reference(rank, world, k, cf, counts, hot, exact):
     return y, x_grad, grads, stats
 
 
-def _ep_vs_local(rank, world, k, cf, counts, hot, exact):
+def _ep_vs_local(rank, world, k, cf, counts, hot, exact, dedup=False):
     y_ref, xg_ref, g_ref, stats_ref = reference(rank, world, k, cf, counts, hot, exact)
-    layer = shard_moe_layer(make_layer(k, cf, hot, exact))
+    layer = shard_moe_layer(make_layer(k, cf, hot, exact), dedup=dedup)
     received = []  # rows this rank's experts were given
     layer.experts.register_forward_pre_hook(lambda _, args: received.append(sum(args[1])))
     y, xg, grads, stats = run_layer(layer, *make_tokens(rank, counts[rank], hot))
@@ -80,9 +80,9 @@ def _ep_vs_local(rank, world, k, cf, counts, hot, exact):
     return diffs, int(stats.dropped), layer.experts.w1.shape[0], received[0]
 
 
-def check(world, k, cf, counts, hot=None, exact=True, tol=1e-12):
+def check(world, k, cf, counts, hot=None, exact=True, tol=1e-12, dedup=False):
     """Runs the comparison on `world` ranks; returns (total dropped, rows received per rank)."""
-    results = run_ranks(_ep_vs_local, world, (k, cf, counts, hot, exact), timeout=60)
+    results = run_ranks(_ep_vs_local, world, (k, cf, counts, hot, exact, dedup), timeout=60)
     for diffs, _, num_local, _ in results:
         assert num_local == E // world
         bad = {n: d for n, d in diffs.items() if d > tol}
@@ -150,3 +150,53 @@ def test_all_to_all_hand_computed():
     # d/dx: each row's grad is the weight of the slot it landed in, sent back.
     assert grad0.flatten().tolist() == [100.0, 200.0, 201.0]
     assert grad1.flatten().tolist() == [202.0]
+
+
+# ---------------------------------------------------------------- one row per (token, rank)
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("cf", [0.5, None])
+def test_dedup_ep_matches_local(world, k, cf):
+    counts = [T + 2 * r for r in range(world)]
+    dropped, _ = check(world, k, cf, counts, dedup=True)
+    assert (dropped == 0) if cf is None else (dropped > 0)
+
+
+@pytest.mark.parametrize("world,counts,hot", [(4, [T] * 4, 5), (4, [0, T, 3, T], None)])
+def test_dedup_skewed_and_empty_ranks(world, counts, hot):
+    check(world, 2, 1.0, counts, hot=hot, dedup=True)
+
+
+def _dedup_rows(rank, world, groups):
+    """Group-limited routing with one group per EP rank: each token's rows reach at most
+    topk_groups ranks, and the dispatch all-to-all moves exactly the unique (token, rank)
+    rows computed here from the routing."""
+    from dmoe.parallel import comm_trace
+    from dmoe.parallel.comm_trace import CommRecorder
+
+    torch.manual_seed(0)
+    num_groups, topk_groups = groups
+    layer = MoELayer(D, E, 4, F_, CapacitySettings(None, None, 0, "position"),
+                     num_groups=num_groups, topk_groups=topk_groups).double()
+    layer.experts.compute_dtype = torch.float64
+    x = make_tokens(rank, 3 * T)[0]
+    routing = layer.router(x)
+    owners = (routing.expert_idx_TK // (E // world)).tolist()
+    unique_rows = sum(len(set(o)) for o in owners)
+    shard_moe_layer(layer, dedup=True)
+    rec = CommRecorder()
+    with comm_trace.recording(rec):
+        rec.start_step(0)
+        y, _ = layer(x.view(1, -1, D))
+        y.sum().backward()
+        events = rec.end_step()
+    sent = next(e for e in events if e.name == "a2a_dispatch" and e.phase == "fwd")
+    return max(len(set(o)) for o in owners), unique_rows, sum(sent.send_bytes) // (D * 8)
+
+
+def test_group_limited_routing_bounds_ranks_per_token():
+    for most, unique_rows, sent_rows in run_ranks(_dedup_rows, 2, ((2, 1),)):
+        assert most == 1  # one group per EP rank, one group per token: one rank per token
+        assert sent_rows == unique_rows == 3 * T  # k = 4 rows per token, one sent
+    for most, unique_rows, sent_rows in run_ranks(_dedup_rows, 2, ((1, 1),)):
+        assert most == 2 and sent_rows == unique_rows > 3 * T  # without groups: more

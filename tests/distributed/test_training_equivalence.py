@@ -11,6 +11,7 @@ from tests._dist import run_ranks
 
 from .equivalence import (
     DEEPSEEK,
+    LAYOUTS,
     STEPS,
     batch,
     build_full_model,
@@ -18,9 +19,6 @@ from .equivalence import (
     reference_run,
     tiny_config,
 )
-
-# (world size, tp, ep): dp2; dp2 ep2; tp2; dp4 ep2; dp4 ep4; dp2 tp2 ep2
-LAYOUTS = [(2, 1, 1), (2, 1, 2), (2, 2, 1), (4, 1, 2), (4, 1, 4), (4, 2, 2)]
 
 
 def _torch_engine_run(rank, world, tp, ep, extra=()):

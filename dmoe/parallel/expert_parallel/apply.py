@@ -23,6 +23,7 @@ from dmoe.moe.layer import MoELayer
 from dmoe.parallel import param_roles
 from dmoe.parallel.plan import EXPERT_RULE
 
+from .dedup_dispatcher import DedupAllToAllDispatcher
 from .dispatcher import AllToAllDispatcher
 
 log = logging.getLogger(__name__)
@@ -40,23 +41,27 @@ def _local_experts(experts: GroupedExperts, index: torch.Tensor) -> GroupedExper
     return local
 
 
-def shard_moe_layer(layer: MoELayer, ep_group: dist.ProcessGroup | None = None) -> MoELayer:
-    """In place: keep this EP rank's experts and route through the all-to-all dispatcher."""
+def shard_moe_layer(layer: MoELayer, ep_group: dist.ProcessGroup | None = None,
+                    dedup: bool = False) -> MoELayer:
+    """In place: keep this EP rank's experts and route through the all-to-all dispatcher
+    (dedup: the one that sends each token once per EP rank, parallel.a2a_dedup)."""
     ep, ep_rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
     num_experts = layer.experts.num_experts
     index = EXPERT_RULE.index(num_experts, ep_rank, ep)
     layer.experts = _local_experts(layer.experts, index)
     for param in layer.experts.parameters():
         param_roles.mark_expert(param, ep)
-    layer.dispatcher = AllToAllDispatcher(num_experts, layer.dispatcher.capacity, ep_group)
+    dispatcher_cls = DedupAllToAllDispatcher if dedup else AllToAllDispatcher
+    layer.dispatcher = dispatcher_cls(num_experts, layer.dispatcher.capacity, ep_group)
     return layer
 
 
-def shard_moe_layers(model: nn.Module, ep_group: dist.ProcessGroup | None = None) -> int:
+def shard_moe_layers(model: nn.Module, ep_group: dist.ProcessGroup | None = None,
+                     dedup: bool = False) -> int:
     """Shards every MoELayer inside `model`; returns how many were sharded."""
     layers = [m for m in model.modules() if isinstance(m, MoELayer)]
     for layer in layers:
-        shard_moe_layer(layer, ep_group)
+        shard_moe_layer(layer, ep_group, dedup)
     log.info("expert parallel: sharded %d MoE layers over %d ranks", len(layers),
              dist.get_world_size(ep_group))
     return len(layers)

@@ -1,0 +1,117 @@
+"""Expert-parallel dispatcher that sends each token once per EP rank (parallel.a2a_dedup).
+
+Shape legend: T tokens, D model dim, E global experts, L local experts (E / ep), S source
+ranks (= ep), N kept (token, expert) rows, U unique (token, destination rank) rows.
+
+The plain AllToAllDispatcher sends one row per kept (token, expert) pair. Here a token
+whose experts include several on one EP rank sends its row there once, with the list of
+(local expert, gate) pairs it chose there; that rank runs each chosen expert on it and
+returns one gate-weighted sum. So each direction moves U rows instead of N: with top-k
+routing over E/ep experts per rank U < N whenever a token picks two experts on one rank,
+and with group-limited routing where moe.num_groups == parallel.ep, U <= topk_groups * T.
+
+Same `Dispatcher` protocol and ownership (dmoe.parallel.layout.expert_range) as the plain
+dispatcher; capacity is decided per (token, expert) on the sending rank exactly as there.
+Communication, forward (numbered as in `dispatch`): (2) counts [S, L+1] int, (3) U token
+rows, (4) N row indices int, (5) N gates; combine (7) U result rows back. Backward: the
+row, gate and result all-to-alls in reverse. Host syncs: one `.tolist()` of the counts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dmoe.moe.dispatcher import CapacitySettings, DispatchMeta, combine_rows, permute_tokens
+from dmoe.moe.router import Routing
+from dmoe.parallel import comm_trace
+from dmoe.parallel.comm_trace import CommTag
+from dmoe.parallel.layout import expert_range
+
+from .all_to_all import all_to_all
+from .dispatcher import local_expert_order
+
+
+@dataclass(frozen=True)
+class DedupMeta(DispatchMeta):
+    send_u: list[int]  # unique token rows this rank sends to each EP rank
+    recv_u: list[int]  # unique token rows it receives from each EP rank
+    token_U: torch.Tensor  # this rank's token behind each sent unique row
+    row_u_idx_N: torch.Tensor  # per expert row (local-expert order): its received unique row
+    gate_recv_N: torch.Tensor  # per expert row (local-expert order): its gate (differentiable)
+
+
+class DedupAllToAllDispatcher:
+    """One row per (token, destination rank) each way; see the module doc."""
+
+    def __init__(self, num_experts: int, capacity: CapacitySettings,
+                 ep_group: dist.ProcessGroup | None = None):
+        ep = dist.get_world_size(ep_group)
+        self.num_experts, self.capacity, self.ep_group = num_experts, capacity, ep_group
+        self.ep, self.num_local = ep, len(expert_range(0, ep, num_experts))
+        self.layer_id: int | None = None
+
+    def set_layer_id(self, layer_id: int) -> None:
+        self.layer_id = layer_id
+
+    def _tag(self, name: str) -> CommTag:
+        return CommTag(name, self.layer_id)
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, training: bool
+                 ) -> tuple[torch.Tensor, DedupMeta]:
+        T, L = x_TD.shape[0], self.num_local
+        # 1. Capacity plan on this rank's tokens (kept rows in global-expert order), then
+        #    the unique (destination, token) pairs, destination-major.
+        plan, token_idx_N, gate_N, cap = permute_tokens(routing, T, self.num_experts,
+                                                        self.capacity, training)
+        expert_N = routing.expert_idx_TK.t().reshape(-1).index_select(0, plan.order_N)
+        owner_N = expert_N // L
+        key_U, inverse_N = torch.unique(owner_N * T + token_idx_N, sorted=True, return_inverse=True)
+        owner_U, token_U = key_U // T, key_U % T
+        send_u_S = torch.bincount(owner_U, minlength=self.ep)
+        first_u_S = torch.cumsum(send_u_S, 0) - send_u_S
+        local_u_N = inverse_N - first_u_S[owner_N]  # index inside the destination's block
+        # 2. Counts: per destination, rows per local expert and unique token rows.
+        send_SX = torch.cat([plan.counts_E.reshape(self.ep, L), send_u_S.unsqueeze(1)], 1)
+        recv_SX = torch.empty_like(send_SX)
+        comm_trace.all_to_all_single(recv_SX, send_SX.contiguous(), group=self.ep_group,
+                                     tag=self._tag("a2a_counts"))
+        recv_SL = recv_SX[:, :L]
+        flat = torch.cat([send_SX[:, :L].sum(1), send_u_S, recv_SL.sum(1), recv_SX[:, L],
+                          recv_SL.sum(0)]).tolist()  # the one host sync
+        ep = self.ep
+        send_n, send_u, recv_n, recv_u = (flat[i * ep:(i + 1) * ep] for i in range(4))
+        counts_L = flat[4 * ep:]
+        # 3. Token rows, once per destination.
+        x_recv_UD = all_to_all(x_TD.index_select(0, token_U), recv_u, send_u, self.ep_group,
+                               self._tag("a2a_dispatch"))
+        # 4. For every (token, expert) row, which of the received token rows it reads.
+        local_u_recv_N = local_u_N.new_empty(sum(recv_n))
+        comm_trace.all_to_all_single(local_u_recv_N, local_u_N.contiguous(), recv_n, send_n,
+                                     group=self.ep_group, tag=self._tag("a2a_dispatch_index"))
+        # 5. Gates travel with them (their gradients come back in backward).
+        gate_recv_N = all_to_all(gate_N, recv_n, send_n, self.ep_group, self._tag("a2a_gates"))
+        # 6. Rows in local-expert-contiguous order, each read from its received token row.
+        source_N = torch.repeat_interleave(torch.arange(self.ep, device=x_TD.device),
+                                           torch.tensor(recv_n, device=x_TD.device),
+                                           output_size=sum(recv_n))
+        first_recv_S = torch.tensor([0] + recv_u[:-1], device=x_TD.device).cumsum(0)
+        sort_N = local_expert_order(recv_SL)
+        row_u_idx_N = (first_recv_S[source_N] + local_u_recv_N).index_select(0, sort_N)
+        meta = DedupMeta(
+            token_idx_N=token_idx_N, gate_N=gate_N, counts=counts_L,
+            routed_E=plan.routed_E, kept_E=plan.counts_E, capacity=cap, num_tokens=T,
+            send_u=send_u, recv_u=recv_u, token_U=token_U, row_u_idx_N=row_u_idx_N,
+            gate_recv_N=gate_recv_N.index_select(0, sort_N),
+        )
+        return x_recv_UD.index_select(0, row_u_idx_N), meta
+
+    def combine(self, y_ND: torch.Tensor, meta: DedupMeta) -> torch.Tensor:
+        # 7. Gate-weighted sum per received token row on the expert side, then one row back.
+        y_recv_UD = combine_rows(y_ND, meta.row_u_idx_N, meta.gate_recv_N, sum(meta.recv_u))
+        y_sent_UD = all_to_all(y_recv_UD, meta.send_u, meta.recv_u, self.ep_group,
+                               self._tag("a2a_combine"))
+        # 8. Back to this rank's tokens (each token's ranks add up).
+        out_TD = y_sent_UD.new_zeros(meta.num_tokens, y_sent_UD.shape[1])
+        return out_TD.index_add(0, meta.token_U, y_sent_UD)
