@@ -9,6 +9,8 @@ GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 NPROC ?= $(if $(filter-out 0,$(GPUS)),$(GPUS),2)
 PORT ?= 29517
 CONFIG ?= configs/default.yaml
+# the `hf` extra (dmoe import/export checked against transformers); pinned, as in pyproject.toml
+TRANSFORMERS := transformers==5.23.0
 ARGS ?=
 
 .PHONY: setup system-deps train train-torchrun test test-fast bench clean
@@ -22,6 +24,10 @@ $(STAMP): pyproject.toml requirements.txt Makefile
 	  if [ "$(GPUS)" != "0" ]; then $(PIP) install -q torch; else $(PIP) install -q torch==2.13.0; fi; fi
 	$(PIP) install -q -r requirements.txt
 	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed
+	@# transformers constrained to the torch already here: nothing it pulls may swap the build
+	$(PY) -c "import transformers as t, sys; sys.exit(t.__version__ != '$(subst transformers==,,$(TRANSFORMERS))')" 2>/dev/null || { \
+	  $(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt && \
+	  $(PIP) install -q -c $(VENV)/torch-pin.txt "$(TRANSFORMERS)"; }
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

@@ -1,6 +1,7 @@
-"""`dmoe <command>`: train (what launch/train.py runs), layout, data, checkpoint, profile,
-bench-comm, tune-capacity. Each tool is one module in dmoe/tools/ named after its
-subcommand (tune-capacity: tools/tune_capacity.py), imported on use."""
+"""`dmoe <command>`: train (what launch/train.py runs), layout, data, checkpoint, export,
+import, generate, profile, bench-comm, tune-capacity. Each tool is one module in dmoe/tools/
+named after its subcommand (tune-capacity: tools/tune_capacity.py; import, a Python
+keyword: tools/hf_import.py), imported on use."""
 from __future__ import annotations
 
 import argparse
@@ -64,6 +65,9 @@ COMMANDS = {
     "layout": layout_main,
     "data": _tool("data"),
     "checkpoint": _tool("checkpoint"),
+    "export": _tool("export"),
+    "import": _tool("hf_import"),
+    "generate": _tool("generate"),
     "profile": _tool("profile"),
     "bench-comm": _tool("bench_comm"),
     "tune-capacity": _tool("tune_capacity"),

@@ -39,6 +39,7 @@ class ModelConfig:
     norm: str = choice("layernorm", ["layernorm", "rmsnorm"])
     norm_eps: float = 1e-5
     n_kv_heads: int = 0  # grouped-query attention: key/value heads; 0: n_heads (MHA)
+    head_dim: int = 0  # per attention head; 0: d_model / n_heads (Qwen3 may set it apart)
     bias: bool = False  # biases on the attention output and dense MLP linears (and qkv)
     qkv_bias: bool = False  # a bias on the qkv projection alone (Qwen2)
     qk_norm: bool = False  # RMSNorm on each query and key head (Qwen3)
@@ -210,7 +211,9 @@ def validate(cfg: Config) -> None:
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"{name} ({value}) must be >= 1")
-    if m.d_model % m.n_heads:
+    if m.head_dim < 0:
+        raise ConfigError(f"model.head_dim ({m.head_dim}) must be >= 0 (0: d_model / n_heads)")
+    if not m.head_dim and m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
     _validate_attention(cfg)
     for name in ("moe.num_shared_experts", "moe.shared_expert_ffn_dim", "moe.first_dense_layers"):
@@ -219,9 +222,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{name} ({value}) must be >= 0")
     if not 0 < m.norm_eps < 1:
         raise ConfigError(f"model.norm_eps ({m.norm_eps}) must be in (0, 1)")
-    if (m.d_model // m.n_heads) % 2 and m.positions == "rotary":
-        raise ConfigError(f"model.d_model / model.n_heads ({m.d_model // m.n_heads}) must be even "
-                          "for rotary positions")
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    if head_dim % 2 and m.positions == "rotary":
+        raise ConfigError(f"the head dim (model.head_dim, or model.d_model / model.n_heads: "
+                          f"{head_dim}) must be even for rotary positions")
     if not 1 <= e.top_k <= e.num_experts:
         raise ConfigError(f"moe.top_k ({e.top_k}) must be in [1, moe.num_experts ({e.num_experts})]")
     _validate_routing(e)

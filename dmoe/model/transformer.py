@@ -71,10 +71,10 @@ class Attention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, dropout: float, rotary: bool,
                  n_kv_heads: int | None = None, qkv_bias: bool = False, bias: bool = False,
-                 qk_norm: bool = False, norm_eps: float = 1e-6):
+                 qk_norm: bool = False, norm_eps: float = 1e-6, head_dim: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
-        self.head_dim = d_model // n_heads
+        self.head_dim = head_dim or d_model // n_heads  # R; may differ from D / H (Qwen3)
         self.qkv = nn.Linear(d_model, (n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
@@ -171,7 +171,7 @@ class Block(nn.Module):
         self.ln2 = make_norm(m.norm, m.d_model, m.norm_eps)
         self.attn = Attention(m.d_model, m.n_heads, m.dropout, m.positions == "rotary",
                               m.n_kv_heads or m.n_heads, m.qkv_bias or m.bias, m.bias, m.qk_norm,
-                              m.norm_eps)
+                              m.norm_eps, m.head_dim)
         self.shared_expert = None
         if use_moe and e.num_shared_experts:
             width = e.num_shared_experts * (e.shared_expert_ffn_dim or e.expert_ffn_dim)
@@ -234,7 +234,8 @@ class MoETransformer(nn.Module):
         if m.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if m.positions == "rotary":
-            cos, sin = rotary_tables(m.seq_len, m.d_model // m.n_heads, m.rope_theta)
+            head_dim = m.head_dim or m.d_model // m.n_heads
+            cos, sin = rotary_tables(m.seq_len, head_dim, m.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         # scaled init of residual projections (GPT-2)
