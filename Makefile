@@ -31,15 +31,16 @@ $(STAMP): pyproject.toml requirements.txt Makefile
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
-# The main job: the DeepSpeed launcher and engine on the default config.
+# The main job: the DeepSpeed launcher and engine on the default config. A second run starts
+# over (train.overwrite moves the previous checkpoints aside); ARGS="--train.resume=auto" resumes.
 train: setup
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(PORT) \
-	  launch/train.py --config $(CONFIG) $(ARGS); rc=$$?; \
+	  launch/train.py --config $(CONFIG) --train.overwrite=true $(ARGS); rc=$$?; \
 	  rm -f /dev/shm/deepspeed_allreduce_buffer_*_$(PORT)_*; exit $$rc
 
 # The same run on the plain torch engine.
 train-torchrun: setup
-	$(VENV)/bin/torchrun --nproc_per_node $(NPROC) --master_port $(PORT) launch/train.py --config $(CONFIG) $(ARGS)
+	$(VENV)/bin/torchrun --nproc_per_node $(NPROC) --master_port $(PORT) launch/train.py --config $(CONFIG) --train.overwrite=true $(ARGS)
 
 # Debian packages the system tests use (Slurm); skipped when already there.
 system-deps:

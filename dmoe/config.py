@@ -9,6 +9,9 @@ both fields.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -118,6 +121,16 @@ class TrainConfig:
     save_every: int = 0  # checkpoint every N steps (and at the last step); 0: off
     resume: str = ""  # "": fresh start; "auto": latest checkpoint in run_dir; or a path
     keep_last: int = 3  # complete checkpoints kept; 0: keep all
+    # a fresh start (resume "") in a run_dir that holds checkpoints is refused unless true:
+    # then the old checkpoints/ is moved aside (checkpoints.replaced-<time>/)
+    overwrite: bool = False
+    # a non-finite loss or gradient norm (all ranks agree): stop (one line, exit 3, nothing
+    # of that state saved) or skip the optimizer step, at most max_skipped_steps times
+    nonfinite: str = choice("stop", ["stop", "skip"])
+    max_skipped_steps: int = 10
+    # resuming a checkpoint whose saved config differs in an architecture key (model.n_heads,
+    # moe.num_experts, ...: dmoe.checkpoint.load.ARCHITECTURE_KEYS) is refused unless true
+    allow_arch_change: bool = False
     # recompute in backward instead of keeping activations: each transformer block, or only
     # the expert MLPs (their dispatch and all-to-all run once)
     activation_checkpointing: str = choice("none", ["none", "block", "experts"])
@@ -135,6 +148,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# decimal literals only (no nan/inf, no underscores): "1e-4", "-2.5E+3", ".5"
+FLOAT_LITERAL = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
 def _coerce(path: str, value, hint):
     """Check `value` against the type hint; ints are accepted where floats are expected."""
     origin = typing.get_origin(hint)
@@ -144,6 +161,8 @@ def _coerce(path: str, value, hint):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and FLOAT_LITERAL.match(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string: a number is meant
     if hint is list and isinstance(value, str):
         return [value]
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -240,6 +259,55 @@ def validate(cfg: Config) -> None:
         )
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction ({cfg.data.val_fraction}) must be in (0, 1)")
+    _validate_ranges(cfg)
+
+
+# (low, high, low inclusive) of numeric fields the checks above do not bound; None: open.
+# Every float field must also be finite (NaN and infinities are refused).
+RANGES = {
+    "model.vocab_size": (0, None, True), "model.ffn_dim": (1, None, True),
+    "model.dropout": (0, 1, True), "model.rope_theta": (0, None, False),
+    "moe.capacity_factor": (0, None, True), "moe.eval_capacity_factor": (0, None, True),
+    "moe.min_capacity": (0, None, True), "moe.router_jitter": (0, 1, True),
+    "moe.aux_loss_coef": (0, None, True), "moe.z_loss_coef": (0, None, True),
+    "data.bpe_vocab_size": (1, None, True), "data.max_corpus_mb": (0, None, False),
+    "train.lr": (0, None, False), "train.min_lr": (0, None, True),
+    "train.warmup_steps": (0, None, True), "train.weight_decay": (0, None, True),
+    "train.grad_clip": (0, None, True), "train.seed": (0, 2**63 - 1, True),
+    "train.log_every": (1, None, True), "train.eval_every": (1, None, True),
+    "train.eval_batches": (1, None, True), "train.threads": (0, None, True),
+    "train.max_skipped_steps": (0, None, True),
+}
+
+
+def _validate_ranges(cfg: Config) -> None:
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value, name = getattr(getattr(cfg, section.name), f.name), f"{section.name}.{f.name}"
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name} ({value}) must be a finite number")
+            if name not in RANGES or value is None or isinstance(value, (bool, str)):
+                continue
+            low, high, closed = RANGES[name]
+            if (value < low if closed else value <= low) or (high is not None and value > high):
+                where = f"{'>=' if closed else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+                raise ConfigError(f"{name} ({value}) must be {where}")
+
+
+def validate_paths(cfg: Config) -> None:
+    """Directories the run writes must be (or become) directories; data.paths must exist.
+    Checked where a run starts (dmoe.startup.command), not by load_config: a checkpoint's
+    saved config names the paths of the machine that trained it."""
+    for name, value in (("train.run_dir", cfg.train.run_dir), ("data.data_dir", cfg.data.data_dir)):
+        path = Path(value)
+        blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise ConfigError(f"{name} ({value}): {blocker} is a file, not a directory")
+        if blocker is not None and not os.access(blocker, os.W_OK | os.X_OK):
+            raise ConfigError(f"{name} ({value}): cannot create or write it ({blocker} is not writable)")
+    for item in cfg.data.paths:
+        if not Path(item).exists():
+            raise ConfigError(f"data.paths ({item}): no such file or directory")
 
 
 def _validate_attention(cfg: Config) -> None:
@@ -278,11 +346,26 @@ def _validate_routing(e: MoEConfig) -> None:
         raise ConfigError(f"moe.bias_update_rate ({e.bias_update_rate}) must be >= 0")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"{self.name}: key {key!r} appears twice "
+                                  f"(line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     cfg = Config()
     if path is not None:
         try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
+            with open(path) as f:  # the loader names the file in its errors
+                values = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except (OSError, yaml.YAMLError) as err:
             raise ConfigError(f"cannot read config {path}: {err}".splitlines()[0]) from None
         if not isinstance(values, dict):

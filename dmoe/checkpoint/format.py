@@ -29,6 +29,7 @@ from .slices import cut, index_of
 
 FORMAT = "dmoe-checkpoint/1"
 MANIFEST = "manifest.json"
+REQUIRED = {"step": int, "layout": dict, "files": dict, "tensors": dict}  # manifest keys read
 
 
 def rank_file(rank: int) -> str:
@@ -75,8 +76,13 @@ class CheckpointReader:
             self.manifest = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise CheckpointError(f"{path}: missing or unreadable manifest ({err})".splitlines()[0]) from None
-        if self.manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            found = self.manifest.get("format") if isinstance(self.manifest, dict) else self.manifest
+            raise CheckpointError(f"{path}: format {found!r:.60}, expected {FORMAT!r}")
+        missing = [k for k in REQUIRED if not isinstance(self.manifest.get(k), REQUIRED[k])]
+        if missing:
+            raise CheckpointError(f"{path}: no valid {missing[0]!r} entry (a manifest names "
+                                  f"{', '.join(REQUIRED)})")
         self._open: dict[str, object] = {}
 
     @property

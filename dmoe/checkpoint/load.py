@@ -8,16 +8,18 @@ verdict on every file's checksum) so that all ranks fail together.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from dmoe.config import Config
 from dmoe.parallel.layout import ProcessGroups
 
-from .commit import resolve_checkpoint
+from .commit import CKPT_DIR, STEP_DIR, complete_checkpoints, resolve_checkpoint
 from .errors import CheckpointError
 from .format import MANIFEST, CheckpointReader, rank_file
 from .save import layout_dict
@@ -62,6 +64,7 @@ def load_checkpoint(engine: Engine, groups: ProcessGroups, path: Path | str,
     fp32 tensors per slice; `engine.load_param_states` puts them where the engine keeps them."""
     reader = CheckpointReader(Path(path))
     _verify_together(reader, groups)
+    check_architecture(reader.dir / "config.yaml", engine.module.cfg)
     specs = param_slices(engine.module, groups.layout, groups.rank)
     unknown = set(reader.tensors) - {s.name for s in specs}
     if unknown:
@@ -84,6 +87,38 @@ def load_checkpoint(engine: Engine, groups: ProcessGroups, path: Path | str,
     return reader.manifest
 
 
+# What the saved weights mean: a resume that changes one of these with the same tensor
+# shapes (4 heads vs 8 of the same width) would silently train a different model. Capacity,
+# loss coefficients, top_k, jitter and everything outside model/moe may change on resume.
+ARCHITECTURE_KEYS = {
+    "model": ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim",
+              "positions", "norm", "bias", "qkv_bias", "qk_norm", "rope_theta", "mlp_activation",
+              "tie_embeddings"),
+    "moe": ("num_experts", "every", "first_dense_layers", "expert_ffn_dim", "activation",
+            "score_func", "num_shared_experts", "shared_expert_ffn_dim", "shared_expert_gate"),
+}
+
+
+def check_architecture(saved_config: Path, cfg: Config) -> None:
+    """Refuse (one line naming the first differing key) to load weights saved by a model of
+    another architecture, unless train.allow_arch_change. No saved config: nothing to check."""
+    if cfg.train.allow_arch_change or not saved_config.is_file():
+        return
+    try:
+        saved = yaml.safe_load(saved_config.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise CheckpointError(f"{saved_config}: unreadable ({err})".splitlines()[0]) from None
+    for section, keys in ARCHITECTURE_KEYS.items():
+        ours = getattr(cfg, section)
+        for key in keys:
+            theirs = saved.get(section, {}).get(key, getattr(ours, key)) if isinstance(saved, dict) else None
+            if theirs != getattr(ours, key):
+                raise CheckpointError(
+                    f"{saved_config}: saved with {section}.{key}={theirs!r}, this run has "
+                    f"{getattr(ours, key)!r}; the weights mean another model (set "
+                    "--train.allow_arch_change=true to load them anyway)")
+
+
 def _restore_rng(reader: CheckpointReader, rank: int) -> None:
     """This rank's RNG states, where the checkpoint has them (offline reshards do not)."""
     keys = set(reader.keys(rank_file(rank)))
@@ -91,3 +126,25 @@ def _restore_rng(reader: CheckpointReader, rank: int) -> None:
         torch.set_rng_state(reader.get(rank_file(rank), "rng/torch"))
     if torch.cuda.is_available() and "rng/cuda" in keys:
         torch.cuda.set_rng_state(reader.get(rank_file(rank), "rng/cuda"))
+
+
+def check_fresh_start(cfg: Config, rank: int) -> None:
+    """A fresh start (train.resume "") in a run_dir that already holds checkpoints would mix
+    two runs in one checkpoints/ (and prune one with the other): refuse, or with
+    train.overwrite move the old checkpoints/ aside (rank 0; no communication)."""
+    t = cfg.train
+    root = Path(t.run_dir) / CKPT_DIR
+    if t.resume or not root.is_dir():
+        return
+    done = complete_checkpoints(root)
+    if not done:
+        return
+    if not t.overwrite:
+        newest = max(int(STEP_DIR.match(p.name).group(1)) for p in done)
+        raise CheckpointError(
+            f"train.run_dir {t.run_dir} already holds checkpoints up to step {newest}: resume with "
+            "--train.resume=auto, or choose another run dir / --train.overwrite=true")
+    if rank == 0:
+        aside = root.with_name(f"{CKPT_DIR}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        root.rename(aside)
+        log.warning("train.overwrite: moved the old checkpoints of %s aside to %s", t.run_dir, aside)

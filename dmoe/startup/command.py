@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from dmoe.config import Config, ConfigError, load_config
+from dmoe.config import Config, ConfigError, load_config, validate_paths
 
 from .launchers import LaunchInfo, detect_launch
 from .process_group import free_port, process_group
@@ -44,6 +44,7 @@ def resolve_config(config_path: str, overrides: list[str], info: LaunchInfo) -> 
 
     path = config_path if os.path.exists(config_path) or config_path != DEFAULT_CONFIG else None
     cfg = load_config(path, overrides)
+    validate_paths(cfg)
     ParallelLayout(info.world_size, tp=cfg.parallel.tp, ep=cfg.parallel.ep).validate(cfg.moe.num_experts)
     engine_name = cfg.train.engine
     if engine_name == "auto":
@@ -57,26 +58,34 @@ def resolve_config(config_path: str, overrides: list[str], info: LaunchInfo) -> 
 
 def run_command(config_path: str, local_rank: int | None, overrides: list[str], body: Body) -> int:
     """body(cfg, info, device, engine_name) on this rank. Bad config -> one line before any
-    process group exists; a bad checkpoint -> one line; both exit 2."""
+    process group exists; a bad checkpoint -> one line; both exit 2. A non-finite loss or
+    gradient norm (train.nonfinite) -> one line, exit 3. Every rank fails alike (the checks
+    are deterministic or agreed by a collective): only rank 0 writes the line."""
     from dmoe.checkpoint.errors import CheckpointError
+    from dmoe.train.nonfinite import NonFiniteError
 
     info = detect_launch(deepspeed_launcher=local_rank is not None)
     setup_logging(info.rank)
     try:
         cfg, engine_name = resolve_config(config_path, overrides, info)
     except (ConfigError, ValueError) as err:
-        return _one_line("config error", err)
+        return _one_line("config error", err, info.rank)
     try:
         with process_group(cfg, info) as device:
             body(cfg, info, device, engine_name)
     except CheckpointError as err:  # the file and the fault
-        return _one_line("checkpoint error", err)
+        return _one_line("checkpoint error", err, info.rank)
+    except ConfigError as err:  # found once the data is there (e.g. model.seq_len)
+        return _one_line("config error", err, info.rank)
+    except NonFiniteError as err:
+        return _one_line("training stopped", err, info.rank, code=3)
     return 0
 
 
-def _one_line(kind: str, err: Exception) -> int:
-    sys.stderr.write(f"{kind}: {err}\n")  # plain, whatever the console
-    return 2
+def _one_line(kind: str, err: Exception, rank: int = 0, code: int = 2) -> int:
+    if rank == 0:
+        sys.stderr.write(f"{kind}: {err}\n")  # plain, whatever the console
+    return code
 
 
 # ---------------------------------------------------------------- the tools' command line

@@ -42,6 +42,7 @@ class StepResult:
     outputs: list[ModelOutput]  # one per micro-batch
     lr: float
     grad_norm: float | None  # None where the engine reports none
+    nonfinite: str | None = None  # "loss", "grad_norm" or both (all ranks agree), else None
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -78,7 +79,7 @@ def train_step(engine: Engine, data: TokenData, cfg: Config, groups: ProcessGrou
         outputs.append(out)
     if cfg.moe.bias_update_rate > 0:
         update_router_biases(engine.module, outputs, groups, cfg.moe.bias_update_rate)
-    return StepResult(outputs, lr, norm)
+    return StepResult(outputs, lr, norm, engine.nonfinite)
 
 
 def update_router_biases(model: torch.nn.Module, outputs: list[ModelOutput], groups: ProcessGroups,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -16,9 +15,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dmoe.checkpoint.load import maybe_resume
+from dmoe.checkpoint.load import check_fresh_start, maybe_resume
 from dmoe.checkpoint.save import save_checkpoint
-from dmoe.config import Config, save_config
+from dmoe.config import Config, ConfigError, save_config
 from dmoe.data.token_files import TokenData, prepare
 from dmoe.model.transformer import ModelOutput, MoETransformer
 from dmoe.parallel.layout import ParallelLayout, ProcessGroups, build_process_groups
@@ -26,6 +25,7 @@ from dmoe.parallel.parallelize import parallelize
 from dmoe.startup.launchers import LaunchInfo
 from dmoe.train.engines import Engine, build_engine
 from dmoe.train.metrics import MetricsSink
+from dmoe.train.nonfinite import NonFiniteError, safe_exp
 from dmoe.train.step import StepResult, evaluate, mean_over_dp, tokens_per_step, train_step
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,11 @@ def prepare_data(cfg: Config, info: LaunchInfo) -> TokenData:
         dist.barrier()
     data = TokenData.open(Path(cfg.data.data_dir))
     cfg.model.vocab_size = data.vocab_size
+    for split in ("train", "val"):
+        tokens = len(getattr(data, split))
+        if tokens < cfg.model.seq_len + 1:
+            raise ConfigError(f"model.seq_len ({cfg.model.seq_len}) needs at least {cfg.model.seq_len + 1} "
+                              f"tokens; the {split} split of {cfg.data.data_dir} has {tokens}")
     return data
 
 
@@ -94,9 +99,24 @@ def _train_figures(result: StepResult, groups: ProcessGroups, device: torch.devi
     return scalars, lists
 
 
+def _on_nonfinite(cfg: Config, engine: str, step: int, what: str, skipped: int) -> int:
+    """train.nonfinite: stop with one line, or count a skipped step (the engine did not
+    step the optimizer) and stop past train.max_skipped_steps. Returns the new count."""
+    t = cfg.train
+    if t.nonfinite == "skip" and skipped < t.max_skipped_steps:
+        log.warning("step %d: non-finite %s (engine %s): optimizer step skipped (%d of at most "
+                    "%d, train.max_skipped_steps)", step, what, engine, skipped + 1, t.max_skipped_steps)
+        return skipped + 1
+    why = (f"after {skipped} skipped steps (train.max_skipped_steps={t.max_skipped_steps})"
+           if t.nonfinite == "skip" else "(train.nonfinite=stop)")
+    raise NonFiniteError(f"step {step}: non-finite {what} (engine {engine}); training stopped "
+                         f"{why}, nothing of this state saved; lower train.lr or check the data")
+
+
 def train(cfg: Config, info: LaunchInfo, device: torch.device, engine_name: str) -> dict:
     t = cfg.train
     run_dir = Path(t.run_dir)
+    check_fresh_start(cfg, info.rank)  # before anything is written into run_dir
     data = prepare_data(cfg, info)
     engine, groups, layout = build(cfg, info, device, engine_name)
     start = maybe_resume(cfg, engine, groups)  # 0: fresh start
@@ -109,16 +129,19 @@ def train(cfg: Config, info: LaunchInfo, device: torch.device, engine_name: str)
                        console=os.environ.get("DMOE_NO_PROGRESS") != "1")
     tokens = tokens_per_step(cfg, groups)
     history, t0, window_t0 = {"val": []}, time.time(), time.time()
+    skipped = 0
 
     def eval_and_log(step: int) -> None:
         val = evaluate(engine, data, cfg, groups, device)
         history["val"].append((step, val))
-        sink.log(step, {"val_loss": val, "val_ppl": math.exp(val)}, kind="eval")
+        sink.log(step, {"val_loss": val, "val_ppl": safe_exp(val)}, kind="eval")
 
     try:
         eval_and_log(start)
         for step in range(start + 1, t.steps + 1):
             result = train_step(engine, data, cfg, groups, device, step)
+            if result.nonfinite:
+                skipped = _on_nonfinite(cfg, engine.name, step, result.nonfinite, skipped)
             if step % t.log_every == 0 or step == t.steps:
                 steps_in_window = t.log_every if step % t.log_every == 0 else step % t.log_every
                 rate = tokens * steps_in_window / max(time.time() - window_t0, 1e-9)

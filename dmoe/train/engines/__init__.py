@@ -35,6 +35,7 @@ class Engine(Protocol):
 
     name: str
     module: nn.Module  # the (parallelized) MoETransformer
+    nonfinite: str | None  # what was non-finite at the last accumulation boundary, else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> ModelOutput: ...
 

@@ -14,6 +14,7 @@ from dmoe.checkpoint.errors import CheckpointError
 from dmoe.config import Config, ConfigError
 from dmoe.model.transformer import ModelOutput
 from dmoe.parallel.layout import ProcessGroups
+from dmoe.train.nonfinite import nonfinite_values
 
 from .param_groups import param_groups
 
@@ -46,6 +47,9 @@ def check_deepspeed(cfg: Config) -> None:
     bf16 is DeepSpeed's bf16 optimizer, refused before training rather than at the first save.
     """
     t, ep = cfg.train, cfg.parallel.ep
+    if t.nonfinite == "skip":
+        raise ConfigError("train.nonfinite (skip) needs train.engine=torch: DeepSpeed's optimizer "
+                          "steps before dmoe sees the gradient norm; use train.nonfinite=stop")
     if t.zero_stage == 0 and ep > 1 and t.grad_clip > 0:
         raise ConfigError(
             f"train.zero_stage (0) with parallel.ep ({ep}) and train.grad_clip ({t.grad_clip}): "
@@ -77,11 +81,15 @@ class DeepSpeedEngine:
             deepspeed_config(cfg, groups.size("dp")),
         )
         self.module = self.engine.module
+        self.nonfinite: str | None = None
+        self._loss_bad: torch.Tensor | None = None  # any micro-batch loss of this step non-finite
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> ModelOutput:
         return self.engine(x, y)
 
     def backward(self, loss: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._loss_bad = bad if self._loss_bad is None else self._loss_bad | bad
         self.engine.backward(loss)
 
     def step(self, lr: float) -> float | None:
@@ -93,7 +101,12 @@ class DeepSpeedEngine:
         if not boundary:
             return None
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else None
+        norm = float(norm) if norm is not None else None
+        # after DeepSpeed's optimizer step (it cannot be skipped from here): the trainer
+        # stops before anything of this state is saved; train.nonfinite=skip is refused
+        self.nonfinite = nonfinite_values(self._loss_bad, norm, self._loss_bad.device)
+        self._loss_bad = None
+        return norm
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)

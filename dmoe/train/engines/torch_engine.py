@@ -1,6 +1,7 @@
 """The plain torch engine (torchrun, srun, mpirun, python): AdamW, dmoe's gradient
 reduction over DP / expert-DP / TP (dmoe.parallel.grads), accumulation, clipping, bf16
-autocast. Communication: the gradient reduction and norm at accumulation boundaries.
+autocast. Communication: the gradient reduction and norm at accumulation boundaries, and
+one all-reduce of the non-finite flags (dmoe.train.nonfinite) there.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dmoe.config import Config
 from dmoe.model.transformer import ModelOutput
 from dmoe.parallel.grads import clip_gradients, reduce_gradients
 from dmoe.parallel.layout import ProcessGroups
+from dmoe.train.nonfinite import nonfinite_values
 
 from .param_groups import param_groups
 
@@ -30,6 +32,8 @@ class TorchEngine:
             lr=cfg.train.lr, betas=(0.9, 0.95), eps=1e-8,
         )
         self.micro = 0
+        self.nonfinite: str | None = None  # what was non-finite at the last boundary (step skipped)
+        self._loss_bad = torch.zeros((), dtype=torch.bool)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> ModelOutput:
         if self.cfg.train.precision == "bf16":
@@ -42,6 +46,8 @@ class TorchEngine:
         if self.micro % self.cfg.train.grad_accum == 0:
             # a new accumulation window; grads of the last step stay readable until here
             self.optimizer.zero_grad(set_to_none=True)
+            self._loss_bad = torch.zeros((), dtype=torch.bool, device=loss.device)
+        self._loss_bad = self._loss_bad | ~torch.isfinite(loss.detach()).all()
         (loss / self.cfg.train.grad_accum).backward()
 
     def step(self, lr: float) -> float | None:
@@ -50,6 +56,10 @@ class TorchEngine:
             return None
         reduce_gradients(self.params, self.groups)
         norm = clip_gradients(self.params, self.groups, self.cfg.train.grad_clip)
+        # all ranks agree (one all-reduce); a non-finite step never reaches the optimizer
+        self.nonfinite = nonfinite_values(self._loss_bad, norm, self._loss_bad.device)
+        if self.nonfinite:
+            return norm
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.step()
