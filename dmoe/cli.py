@@ -1,5 +1,6 @@
 """`dmoe <command>`: train (what launch/train.py runs), layout, data, checkpoint, export,
-import, generate, profile, bench-comm, tune-capacity. Each tool is one module in dmoe/tools/
+import, generate, profile, bench-comm, tune-capacity, analyze-routing, upcycle, merge,
+experiment. Each tool is one module in dmoe/tools/
 named after its subcommand (tune-capacity: tools/tune_capacity.py; import, a Python
 keyword: tools/hf_import.py), imported on use."""
 from __future__ import annotations
@@ -71,6 +72,10 @@ COMMANDS = {
     "profile": _tool("profile"),
     "bench-comm": _tool("bench_comm"),
     "tune-capacity": _tool("tune_capacity"),
+    "analyze-routing": _tool("analyze_routing"),
+    "upcycle": _tool("upcycle"),
+    "merge": _tool("merge"),
+    "experiment": _tool("experiment"),
 }
 
 

@@ -91,6 +91,10 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     paths: list = field(default_factory=list)  # text files/dirs; empty: the built-in corpus
+    # the built-in corpus when paths is empty: "stdlib" (Python's source) or "multidomain"
+    # (code, reference prose, legal text, changelogs; dmoe.data.multidomain)
+    builtin: str = choice("stdlib", ["stdlib", "multidomain"])
+    domains: list = field(default_factory=list)  # multidomain: keep only these; empty: all
     data_dir: str = "data"
     tokenizer: str = choice("byte", ["byte", "bpe"])
     bpe_vocab_size: int = 2048

@@ -27,8 +27,23 @@ EOT_BYTE = 0  # document separator (NUL never occurs in text)
 
 
 def _source_key(cfg: DataConfig) -> dict:
-    return {"format": 2, "paths": list(cfg.paths), "tokenizer": cfg.tokenizer, "bpe_vocab_size": cfg.bpe_vocab_size,
-            "val_fraction": cfg.val_fraction, "max_corpus_mb": cfg.max_corpus_mb}
+    key = {"format": 2, "paths": list(cfg.paths), "tokenizer": cfg.tokenizer, "bpe_vocab_size": cfg.bpe_vocab_size,
+           "val_fraction": cfg.val_fraction, "max_corpus_mb": cfg.max_corpus_mb}
+    if not cfg.paths and cfg.builtin != "stdlib":  # the default's key (and its data) unchanged
+        from .multidomain import VERSION
+
+        key.update(builtin=cfg.builtin, domains=list(cfg.domains), corpus_version=VERSION)
+    return key
+
+
+def load_documents(cfg: DataConfig) -> list:
+    """The documents cfg names: its paths, else the chosen built-in corpus."""
+    max_bytes = int(cfg.max_corpus_mb * 1e6)
+    if not cfg.paths and cfg.builtin == "multidomain":
+        from .multidomain import multidomain_documents
+
+        return multidomain_documents(max_bytes, cfg.domains)
+    return list(iter_documents(cfg.paths, max_bytes))
 
 
 def prepare(cfg: DataConfig) -> Path:
@@ -38,7 +53,7 @@ def prepare(cfg: DataConfig) -> Path:
     if meta_path.exists() and json.loads(meta_path.read_text()).get("source") == _source_key(cfg):
         return out
     out.mkdir(parents=True, exist_ok=True)
-    docs = list(iter_documents(cfg.paths, int(cfg.max_corpus_mb * 1e6)))
+    docs = load_documents(cfg)
     if not docs:
         raise ValueError(f"data.paths ({cfg.paths}) holds no readable text")
     tok = ByteTokenizer()
@@ -55,6 +70,8 @@ def prepare(cfg: DataConfig) -> Path:
         index[split].append((offset[split], domain_id[doc.domain]))
         splits[split] += [ids, np.array([EOT_BYTE], dtype=np.uint16)]
         offset[split] += ids.size + 1
+    per_domain = {split: {domains[d]: int(n) for d, n in _domain_tokens(index[split], offset[split])}
+                  for split in splits}
     counts = {}
     for split, parts in splits.items():
         if not parts:
@@ -67,11 +84,21 @@ def prepare(cfg: DataConfig) -> Path:
         counts[split] = int(tokens.size)
     meta = {"source": _source_key(cfg), "vocab_size": tok.vocab_size, "tokens": counts,
             "documents": len(docs), "domains": domains,
-            "documents_per_split": {k: len(v) for k, v in index.items()}}
+            "documents_per_split": {k: len(v) for k, v in index.items()},
+            "tokens_per_domain": per_domain}
     meta_path.write_text(json.dumps(meta, indent=2))
     log.info("prepared %d documents: %d train / %d val tokens in %s",
              len(docs), counts["train"], counts["val"], out)
     return out
+
+
+def _domain_tokens(index: list, total: int) -> list[tuple[int, int]]:
+    """(domain id, tokens incl. separators) of one split's document index."""
+    sizes: dict[int, int] = {}
+    ends = [start for start, _ in index[1:]] + [total]
+    for (start, dom), end in zip(index, ends):
+        sizes[dom] = sizes.get(dom, 0) + end - start
+    return sorted(sizes.items())
 
 
 @dataclass
@@ -94,3 +121,11 @@ class TokenData:
         """Domain id of the document holding each token position (for routing analysis)."""
         starts, labels = self.index[split][:, 0], self.index[split][:, 1]
         return labels[np.searchsorted(starts, positions, side="right") - 1]
+
+    def domain_tokens(self, split: str, domain: int) -> np.ndarray:
+        """The tokens of one domain's documents in a split, concatenated in order."""
+        arr = self.val if split == "val" else self.train
+        starts, labels = self.index[split][:, 0], self.index[split][:, 1]
+        ends = np.append(starts[1:], len(arr))
+        parts = [arr[a:b] for a, b, d in zip(starts, ends, labels) if d == domain]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)

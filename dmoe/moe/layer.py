@@ -5,7 +5,8 @@ Communication happens only inside the dispatcher (none for LocalDispatcher).
 
 Profiling: `enable_profiling(i)` names the layer's communication events (through the
 dispatcher) and wraps its four phases in torch.profiler ranges moe{i}/route, dispatch,
-experts, combine; off by default, so a plain forward pays nothing for it.
+experts, combine; off by default, so a plain forward pays nothing for it. Likewise
+`routing_observer` (None by default) sees every forward's choices, for routing analysis.
 """
 from __future__ import annotations
 
@@ -46,16 +47,19 @@ class MoELayer(nn.Module):
                  normalize_topk: bool = True, expert_dtype: str = "float32",
                  score_func: str = "softmax", route_scale: float = 1.0, num_groups: int = 1,
                  topk_groups: int = 1, bias_update_rate: float = 0.0,
-                 recompute_experts: bool = False):
+                 recompute_experts: bool = False, experts_impl: str = "auto"):
         super().__init__()
         self.router = TopKRouter(d_model, num_experts, top_k, jitter_eps, normalize_topk,
                                  score_func, route_scale, num_groups, topk_groups, bias_update_rate)
         self.experts = GroupedExperts(num_experts, d_model, d_ff, activation, expert_dtype,
-                                      recompute=recompute_experts)
+                                      impl=experts_impl, recompute=recompute_experts)
         # Swapped for an expert-parallel dispatcher (and a shard of the experts) by
         # dmoe.parallel.parallelize; the model code never sees a process group.
         self.dispatcher: Dispatcher = LocalDispatcher(num_experts, capacity)
         self.trace_name: str | None = None  # "moe{i}" while profiling
+        # routing analysis (dmoe.analysis): called with each forward's expert_idx_TK
+        # (detached; this rank's tokens, in input order); None: off, nothing is paid
+        self.routing_observer = None
 
     def enable_profiling(self, layer_id: int) -> None:
         self.trace_name = f"moe{layer_id}"
@@ -73,6 +77,8 @@ class MoELayer(nn.Module):
         seq_len = x_BSD.shape[-2] if x_BSD.dim() == 3 else None
         with self._phase("route"):
             routing = self.router(x_TD, seq_len)
+        if self.routing_observer is not None:
+            self.routing_observer(routing.expert_idx_TK.detach())
         with self._phase("dispatch"):
             x_ND, meta = self.dispatcher.dispatch(x_TD, routing, self.training)
         with self._phase("experts"):

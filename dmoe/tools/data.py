@@ -1,7 +1,8 @@
-"""`dmoe data prepare [PATH ...] [--config F] [--data.key=value ...]`
+"""`dmoe data prepare [PATH ...] [--builtin stdlib|multidomain] [--config F] [--data.key=value ...]`
 
 Tokenizes text files/directories (each given path is one domain label), or the built-in
-corpus when no path is given, into the memory-mapped layout of dmoe.data.token_files, and
+corpus when no path is given (--builtin multidomain: code, reference prose, legal text and
+changelogs, balanced, each a domain: dmoe.data.multidomain), into the memory-mapped layout of dmoe.data.token_files, and
 prints what it wrote. Training runs call the same `prepare` and reuse the result.
 """
 from __future__ import annotations
@@ -20,6 +21,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("paths", nargs="*", help="text files or directories (default: built-in corpus)")
     parser.add_argument("--config", default=None)
     parser.add_argument("--out", default=None, help="data directory (default: data.data_dir)")
+    parser.add_argument("--builtin", choices=["stdlib", "multidomain"], default=None,
+                        help="the built-in corpus when no path is given (= --data.builtin)")
     args, overrides = parser.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)
@@ -30,6 +33,8 @@ def main(argv: list[str]) -> int:
         cfg.data.paths = list(args.paths)
     if args.out:
         cfg.data.data_dir = args.out
+    if args.builtin:
+        cfg.data.builtin = args.builtin
     from dmoe.data.token_files import prepare
 
     try:
@@ -48,6 +53,11 @@ def main(argv: list[str]) -> int:
         table.add_row(split, str(meta["documents_per_split"][split]), f"{meta['tokens'][split]:,}")
     console = Console()
     console.print(table)
+    per_domain = meta.get("tokens_per_domain", {})
+    if per_domain and len(meta["domains"]) <= 12:
+        console.print("tokens per domain (train / val): " + ", ".join(
+            f"{d} {per_domain['train'].get(d, 0):,} / {per_domain['val'].get(d, 0):,}"
+            for d in meta["domains"]))
     console.print(f"tokenizer {cfg.data.tokenizer} (vocab {meta['vocab_size']}), "
                   f"{len(meta['domains'])} domains: {', '.join(meta['domains'][:12])}"
                   + (" ..." if len(meta["domains"]) > 12 else ""))
