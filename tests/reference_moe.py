@@ -11,13 +11,14 @@ import torch.nn.functional as F
 
 
 def reference_moe(layer, x_TD, capacity_factor, policy="position", min_capacity=0):
-    """Returns (y_TD, kept list of (t, k) pairs, dropped count) using `layer`'s weights."""
+    """Returns (y_TD, kept set of (t, k) pairs, dropped count) using `layer`'s weights, in
+    x's dtype throughout (the router too)."""
     num_tokens = x_TD.shape[0]
     router, experts = layer.router, layer.experts
     num_experts, top_k = router.num_experts, router.top_k
     choices = []  # per token: list of (expert, prob, gate)
     for t in range(num_tokens):
-        logits = x_TD[t].float() @ router.gate.weight.float().t()
+        logits = x_TD[t] @ router.gate.weight.to(x_TD.dtype).t()
         probs = torch.softmax(logits, -1)
         top = sorted(range(num_experts), key=lambda e: (-probs[e].item(), e))[:top_k]
         total = sum(probs[e] for e in top)

@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from dmoe.config import load_config
 from dmoe.startup.launchers import LaunchInfo
@@ -43,14 +45,18 @@ DEEPSEEK = ["--moe.score_func=sigmoid", "--moe.bias_update_rate=0.05", "--moe.nu
             "--moe.seq_aux_loss_coef=0.1", "--model.norm=rmsnorm"]
 
 
+# dropout and router jitter draw from the RNG: the resume must restore every rank's RNG state
+NOISY = ["--model.dropout=0.1", "--moe.router_jitter=0.05"]
+
+
 @pytest.mark.parametrize("ep,sampler,extra", [(1, "random", []), (2, "random", []), (2, "epoch", []),
-                                              (2, "random", DEEPSEEK)],
-                         ids=["ep1", "ep2", "ep2-epoch", "ep2-loss-free-bias"])
+                                              (2, "random", DEEPSEEK), (2, "random", NOISY)],
+                         ids=["ep1", "ep2", "ep2-epoch", "ep2-loss-free-bias", "ep2-dropout-jitter"])
 def test_resume_is_bit_identical(tmp_path, text_dir, ep, sampler, extra):
     common = [*TINY, f"--data.paths={text_dir}", f"--data.data_dir={tmp_path / 'data'}",
               f"--parallel.ep={ep}", f"--data.sampler={sampler}", *extra]
     full, part = tmp_path / "full", tmp_path / "part"
-    run_ranks(_train, 2, args=([*common, f"--train.run_dir={full}"],))
+    run_ranks(_train, 2, args=([*common, f"--train.run_dir={full}", "--train.save_every=6"],))
     # the interrupted run: saves at steps 3 and 6; resuming from step 3 is "stop at 3"
     run_ranks(_train, 2, args=([*common, f"--train.run_dir={part}", "--train.save_every=3"],))
     ckpts = part / "checkpoints"
@@ -58,13 +64,17 @@ def test_resume_is_bit_identical(tmp_path, text_dir, ep, sampler, extra):
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_000003", "step_000006"]
     step3 = ckpts / "step_000003"
     again = tmp_path / "again"
-    run_ranks(_train, 2, args=([*common, f"--train.run_dir={again}", f"--train.resume={step3}"],))
+    run_ranks(_train, 2, args=([*common, f"--train.run_dir={again}", f"--train.resume={step3}",
+                                "--train.save_every=6"],))
     ref, got = _losses(full), _losses(again)
     assert sorted(got) == [4, 5, 6]
     assert [got[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)], (got, ref)
     assert _losses(part) == ref  # saving does not disturb training
-    if extra:  # the bias moved and was saved (resharded on load if the layout changes)
-        from safetensors.torch import load_file
-
+    for rank_file in ("rank_00000.safetensors", "rank_00001.safetensors"):  # final state, bit for bit
+        a = load_file(full / "checkpoints" / "step_000006" / rank_file)
+        b = load_file(again / "checkpoints" / "step_000006" / rank_file)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng/")), rank_file
+    if extra is DEEPSEEK:  # the bias moved and was saved (resharded on load if the layout changes)
         saved = load_file(ckpts / "step_000006" / "rank_00000.safetensors")
         assert saved["param/blocks.0.ffn.router.expert_bias"].abs().max() > 0

@@ -26,18 +26,19 @@ def _torch_engine_run(rank, world, tp, ep, extra=()):
     groups = build_process_groups(ParallelLayout(world, tp=tp, ep=ep), rank)
     model = parallelize(build_full_model(cfg), groups)
     engine = TorchEngine(model, cfg, groups)
-    losses, grads = [], []
+    losses, grads, dropped, norms = [], [], 0, []
     for step in range(STEPS):
         out = engine.forward(*batch(step, groups.index("dp")))
         engine.backward(out.loss)
-        engine.step(cfg.train.lr)
+        norms.append(engine.step(cfg.train.lr))  # the norm before clipping
+        dropped += sum(int(s.dropped) for s in out.moe_stats)
         if cfg.moe.bias_update_rate:
             update_router_biases(engine.module, [out], groups, cfg.moe.bias_update_rate)
         loss = out.loss.detach().clone()
         dist.all_reduce(loss, group=groups.dp)
         losses.append(float(loss) / groups.size("dp"))
         grads.append(full_tensors(model, groups, grads=True))
-    return losses, grads, full_tensors(model, groups, grads=False)
+    return losses, grads, full_tensors(model, groups, grads=False), dropped, norms
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -50,7 +51,12 @@ def test_torch_engine_matches_single_process(world, tp, ep):
     ref_losses, ref_grads, ref_params = reference_run(tiny_config(tp, ep), dp=world // tp)
     results = run_ranks(_torch_engine_run, world, args=(tp, ep), timeout=180)
     worst = {"loss": 0.0, "grad_step0": 0.0, "grad": 0.0, "param": 0.0}
-    for losses, grads, params in results:
+    # the cases are not trivial: clipping was active, and (without TP, where the layouts run
+    # dropless) capacity dropped tokens
+    assert max(max(r[4]) for r in results) > tiny_config(tp, ep).train.grad_clip
+    if tp == 1:
+        assert sum(r[3] for r in results) > 0
+    for losses, grads, params, _, _ in results:
         worst["loss"] = max([worst["loss"]] + [abs(a - b) for a, b in zip(losses, ref_losses)])
         worst["grad_step0"] = max(worst["grad_step0"], _max_diff(grads[0], ref_grads[0]))
         for step in range(STEPS):
@@ -75,7 +81,7 @@ def test_deepseek_options_match_single_process(world, tp, ep):
     cfg = tiny_config(tp, ep, DEEPSEEK)
     ref_losses, ref_grads, ref_params = reference_run(cfg, dp=world // tp)
     results = run_ranks(_torch_engine_run, world, args=(tp, ep, DEEPSEEK), timeout=180)
-    for losses, grads, params in results:
+    for losses, grads, params, _, _ in results:
         assert max(abs(a - b) for a, b in zip(losses, ref_losses)) < 1e-12
         assert max(_max_diff(g, r) for g, r in zip(grads, ref_grads)) < 1e-12
         assert _max_diff(params, ref_params) < 1e-12
