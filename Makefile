@@ -13,7 +13,7 @@ CONFIG ?= configs/default.yaml
 TRANSFORMERS := transformers==5.23.0
 ARGS ?=
 
-.PHONY: setup system-deps train train-torchrun test test-fast bench clean
+.PHONY: setup system-deps train train-torchrun test test-fast test-docker bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -47,13 +47,22 @@ system-deps:
 	scripts/system-deps.sh
 
 test: setup system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not docker"
+
+# The Docker image built and run as two nodes (minutes; CI runs it as its own stage).
+test-docker: setup
+	scripts/system-deps.sh docker
+	$(PY) -m pytest -q -m docker tests/system/test_docker.py
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not system"
+	$(PY) -m pytest -q -m "not system and not docker"
 
 bench: setup
 	$(PY) bench/moe_layer.py --quick
+
+# The GPU path on one GPU in minutes (scripts/gpu_check.py); CPU-only parts without one.
+gpu-check: setup
+	scripts/gpu_check.sh $(ARGS)
 
 clean:
 	rm -rf runs data $(VENV)

@@ -66,6 +66,8 @@ class MoEConfig:
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
     expert_dtype: str = choice("float32", ["float32", "bfloat16"])
+    # expert matmuls: auto (per device, dtype and rows; dmoe.moe.experts) | fused | loop | torch_grouped_mm
+    experts_impl: str = choice("auto", ["auto", "fused", "loop", "torch_grouped_mm"])
     score_func: str = choice("softmax", ["softmax", "sigmoid"])  # sigmoid: DeepSeek-V3 scores
     route_scale: float = 1.0  # multiplies the gates (after normalize_topk)
     seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss weight
@@ -86,6 +88,10 @@ class ParallelConfig:
     # EP all-to-all sends each token once per EP rank (with its experts' gates) instead of
     # once per chosen expert: fewer bytes whenever a token picks two experts on one rank
     a2a_dedup: bool = False
+    # dmoe's watchdog: a rank that makes no progress (no step, eval or save finished) for
+    # this many seconds writes one line naming the step and last collective and exits 4;
+    # 0: off
+    timeout_s: float = 300.0
 
 
 @dataclass
@@ -132,6 +138,9 @@ class TrainConfig:
     # of that state saved) or skip the optimizer step, at most max_skipped_steps times
     nonfinite: str = choice("stop", ["stop", "skip"])
     max_skipped_steps: int = 10
+    # SIGTERM / SIGINT (ranks agree at the step boundary): true: finish the step, save a
+    # checkpoint, exit 0; false: stop there with one line, exit 128 + the signal number
+    save_on_signal: bool = False
     # resuming a checkpoint whose saved config differs in an architecture key (model.n_heads,
     # moe.num_experts, ...: dmoe.checkpoint.load.ARCHITECTURE_KEYS) is refused unless true
     allow_arch_change: bool = False
@@ -280,7 +289,7 @@ RANGES = {
     "train.grad_clip": (0, None, True), "train.seed": (0, 2**63 - 1, True),
     "train.log_every": (1, None, True), "train.eval_every": (1, None, True),
     "train.eval_batches": (1, None, True), "train.threads": (0, None, True),
-    "train.max_skipped_steps": (0, None, True),
+    "train.max_skipped_steps": (0, None, True), "parallel.timeout_s": (0, None, True),
 }
 
 

@@ -186,6 +186,7 @@ class Block(nn.Module):
                 e.router_jitter, e.normalize_topk, e.expert_dtype,
                 e.score_func, e.route_scale, e.num_groups, e.topk_groups, e.bias_update_rate,
                 recompute_experts=cfg.train.activation_checkpointing == "experts",
+                experts_impl=e.experts_impl,
             )
         else:
             self.ffn = MLP(m.d_model, m.ffn_dim, m.mlp_activation, m.bias)

@@ -52,17 +52,29 @@ class CapacityPlan:
         return self.routed_E.sum() - self.counts_E.sum()
 
 
+def count_per_expert(expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """bincount(expert_idx, minlength=num_experts) without its host sync on CUDA (bincount
+    reads the maximum back to size its output); expert ids must be < num_experts."""
+    flat = expert_idx.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat.long(), torch.ones_like(flat, dtype=torch.int64))
+
+
 def plan_capacity(
     expert_idx_N: torch.Tensor,
     score_N: torch.Tensor,
     num_experts: int,
     capacity: int | None,
     policy: str = "position",
+    compact: bool = True,
 ) -> CapacityPlan:
     """Group assignments by expert and drop those past `capacity` under `policy`.
 
     position:    first come, first served in k-major assignment order.
     probability: inside each expert, the lowest router scores are dropped first.
+    compact=False keeps every assignment in order_N, the kept ones first (expert-contiguous,
+    as with compact=True) and the dropped ones after: its shape does not depend on the data,
+    so nothing waits for the device; order_N[:counts_E.sum()] is the compact order.
     """
     if policy not in DROP_POLICIES:
         raise ValueError(f"moe.drop_policy ({policy!r}) must be one of {DROP_POLICIES}")
@@ -71,11 +83,14 @@ def plan_capacity(
         order = by_score[torch.argsort(expert_idx_N[by_score], stable=True)]
     else:
         order = torch.argsort(expert_idx_N, stable=True)
-    routed_E = torch.bincount(expert_idx_N, minlength=num_experts)
+    routed_E = count_per_expert(expert_idx_N, num_experts)
     if capacity is None:
         return CapacityPlan(order, routed_E, routed_E)
     starts_E = torch.cumsum(routed_E, 0) - routed_E
-    sorted_expert = expert_idx_N[order]
+    sorted_expert = expert_idx_N.index_select(0, order)
     rank_in_expert = torch.arange(order.numel(), device=order.device) - starts_E[sorted_expert]
     keep = rank_in_expert < capacity
-    return CapacityPlan(order[keep], routed_E.clamp(max=capacity), routed_E)
+    if compact:
+        return CapacityPlan(order[keep], routed_E.clamp(max=capacity), routed_E)
+    kept_first = torch.argsort(torch.logical_not(keep).to(torch.uint8), stable=True)
+    return CapacityPlan(order.index_select(0, kept_first), routed_E.clamp(max=capacity), routed_E)

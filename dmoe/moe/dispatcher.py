@@ -65,10 +65,25 @@ class Dispatcher(Protocol, Generic[MetaT]):
     def set_layer_id(self, layer_id: int) -> None: ...
 
 
+# Host synchronisations of the dispatchers (reads of device values into Python), counted
+# where they happen: one per MoE layer forward (the rows per expert after the count
+# exchange, which size the all-to-alls and the experts' row blocks); none in backward.
+HOST_SYNCS = {"count": 0}
+
+
+def host_list(t: torch.Tensor) -> list:
+    """t.tolist(), counted in HOST_SYNCS (the dispatchers' only read back to the host)."""
+    HOST_SYNCS["count"] += 1
+    return t.tolist()
+
+
 def permute_tokens(
-    routing: Routing, num_tokens: int, num_experts: int, capacity: CapacitySettings, training: bool
+    routing: Routing, num_tokens: int, num_experts: int, capacity: CapacitySettings, training: bool,
+    compact: bool = True,
 ) -> tuple[CapacityPlan, torch.Tensor, torch.Tensor, int | None]:
-    """The local half of every dispatcher: capacity plan, source tokens and gates of kept rows."""
+    """The local half of every dispatcher: capacity plan, source tokens and gates of kept rows.
+
+    compact=False: every assignment, kept ones first (see plan_capacity); no host sync."""
     top_k = routing.expert_idx_TK.shape[1]
     cap = expert_capacity(
         num_tokens, num_experts, top_k, capacity.factor(training), capacity.min_capacity
@@ -76,13 +91,21 @@ def permute_tokens(
     # k-major flattening: assignment n = k * T + t (first choices take priority).
     expert_idx_N = routing.expert_idx_TK.t().reshape(-1)
     score_N = routing.score_TK.t().reshape(-1)
-    plan = plan_capacity(expert_idx_N, score_N, num_experts, cap, capacity.drop_policy)
+    plan = plan_capacity(expert_idx_N, score_N, num_experts, cap, capacity.drop_policy, compact)
     token_idx_N = plan.order_N % num_tokens
     gate_N = routing.gate_TK.t().reshape(-1).index_select(0, plan.order_N)
     return plan, token_idx_N, gate_N, cap
 
 
 _COMBINE_BLOCK_BYTES = 512 * 1024  # one block of weighted rows stays in a core's L2
+
+
+def combine_block_rows(n_rows: int, row_bytes: int, device_type: str) -> int:
+    """Rows per block of the combine: an L2-sized block on CPU; every row at once elsewhere
+    (on CUDA 32-row blocks at D=4096 bf16 would be thousands of kernel launches a layer)."""
+    if device_type != "cpu":
+        return max(1, n_rows)
+    return max(1, _COMBINE_BLOCK_BYTES // max(1, row_bytes))
 
 
 class _WeightedIndexAdd(torch.autograd.Function):
@@ -96,7 +119,8 @@ class _WeightedIndexAdd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_ND, gate_N, token_idx_N, num_tokens):
         out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[1])
-        block = max(1, _COMBINE_BLOCK_BYTES // max(1, y_ND.shape[1] * y_ND.element_size()))
+        block = combine_block_rows(y_ND.shape[0], y_ND.shape[1] * y_ND.element_size(),
+                                   y_ND.device.type)
         for start in range(0, y_ND.shape[0], block):
             rows = slice(start, start + block)
             out_TD.index_add_(0, token_idx_N[rows], y_ND[rows] * gate_N[rows, None])
@@ -138,12 +162,15 @@ class LocalDispatcher:
                  ) -> tuple[torch.Tensor, DispatchMeta]:
         num_tokens = x_TD.shape[0]
         plan, token_idx_N, gate_N, cap = permute_tokens(
-            routing, num_tokens, self.num_experts, self.capacity, training
+            routing, num_tokens, self.num_experts, self.capacity, training, compact=False
         )
+        counts = host_list(plan.counts_E)  # the one host sync
+        kept = sum(counts)
+        token_idx_N, gate_N = token_idx_N[:kept], gate_N[:kept]
         meta = DispatchMeta(
             token_idx_N=token_idx_N,
             gate_N=gate_N,
-            counts=plan.counts_E.tolist(),
+            counts=counts,
             routed_E=plan.routed_E,
             kept_E=plan.counts_E,
             capacity=cap,

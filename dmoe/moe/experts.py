@@ -16,7 +16,8 @@ results (bench/moe_layer.py --impls fused,loop,torch_grouped_mm compares them):
   activation over all rows.
 - "torch_grouped_mm": the same with torch._grouped_mm (a C++ loop of mm on CPU; fp32/bf16).
 - "auto" (default): on CPU "fused", or "torch_grouped_mm" below 256 rows per expert; on
-  other devices "loop". With a caching malloc "torch_grouped_mm" was also up to ~10% faster
+  CUDA "torch_grouped_mm" for bf16 on sm90+ (rows per expert padded to 16-byte alignment),
+  else "loop". Chosen per run with moe.experts_impl. With a caching malloc "torch_grouped_mm" was also up to ~10% faster
   at 512+ rows per expert, but up to 20% slower with glibc's default, hence the split.
 
 In every formulation each expert's weight gradient is written into a slice of one stacked tensor, so
@@ -90,10 +91,50 @@ def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: list[int]) -> to
     return _GroupedMM.apply(x_NI, w_EIO, counts)
 
 
-def torch_grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """The same through torch._grouped_mm (a C++ loop of mm on CPU; cumulative int32 offsets)."""
-    offs_E = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
-    return torch._grouped_mm(x_NI, w_EIO, offs=offs_E)
+def torch_grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: list[int],
+                     row_multiple: int | None = None) -> torch.Tensor:
+    """The same through torch._grouped_mm (cumulative int32 offsets, on x's device).
+
+    On CUDA every expert's row block must start 16-byte aligned, so rows per expert are
+    padded to a multiple of 16 / element size (8 for bf16) with zero rows, which are dropped
+    from the result (row_multiple overrides; 1 = no padding, the CPU default)."""
+    if row_multiple is None:
+        row_multiple = max(1, 16 // x_NI.element_size()) if x_NI.device.type == "cuda" else 1
+    padded = [-(-n // row_multiple) * row_multiple for n in counts]
+    offs_E = torch.tensor(padded, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_NI.device)
+    if padded == counts:
+        return torch._grouped_mm(x_NI, w_EIO, offs=offs_E)
+    # row n of expert e goes to n + (padding of the experts before e): built on the device
+    # from two small host lists (no host sync; repeat_interleave is told its output size)
+    shift, acc = [], 0
+    for n, p in zip(counts, padded):
+        shift.append(acc)
+        acc += p - n
+    dest_N = torch.arange(x_NI.shape[0], device=x_NI.device) + torch.repeat_interleave(
+        torch.tensor(shift, device=x_NI.device), torch.tensor(counts, device=x_NI.device),
+        output_size=x_NI.shape[0])
+    x_PI = x_NI.new_zeros(sum(padded), x_NI.shape[1]).index_copy(0, dest_N, x_NI)
+    return torch._grouped_mm(x_PI, w_EIO, offs=offs_E).index_select(0, dest_N)
+
+
+def pick_impl(device_type: str, dtype: torch.dtype, n_rows: int, num_local: int,
+              widths: tuple[int, ...], capability: tuple[int, int] | None = None) -> str:
+    """What impl="auto" runs (see the module docstring).
+
+    CUDA: torch._grouped_mm (one kernel for all experts) for bf16 on sm90+ (its CUTLASS
+    kernel's requirement), else the loop of mm. CPU: the fused node, or torch._grouped_mm
+    for small row blocks per expert or many (fine-grained) experts, where it measured
+    faster (it takes fp32/bf16, 16-byte aligned widths, a non-empty batch)."""
+    aligned = all(w % 8 == 0 for w in widths) and n_rows > 0
+    if device_type == "cuda":
+        sm90 = capability is not None and capability >= (9, 0)
+        return "torch_grouped_mm" if dtype == torch.bfloat16 and sm90 and aligned else "loop"
+    if device_type != "cpu":
+        return "loop"
+    grouped_ok = dtype in (torch.float32, torch.bfloat16) and aligned
+    small = n_rows < GROUPED_MM_MAX_ROWS_PER_EXPERT * max(1, num_local)
+    many = num_local >= GROUPED_MM_MIN_EXPERTS
+    return "torch_grouped_mm" if grouped_ok and (small or many) else "fused"
 
 
 def _weight_grad_buffer(w_EIO: torch.Tensor, counts: list[int]) -> torch.Tensor:
@@ -208,20 +249,15 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w1, std=1 / math.sqrt(self.d_model))
         nn.init.normal_(self.w2, std=1 / math.sqrt(self.d_ff))
 
-    def resolve_impl(self, x_ND: torch.Tensor, counts: list[int]) -> str:
-        """"auto": on CPU, the fused node, or torch._grouped_mm for small row blocks per expert
-        or many (fine-grained) experts, where it measured faster (it takes fp32/bf16,
-        16-byte aligned rows, a non-empty batch); elsewhere the loop of mm."""
+    def resolve_impl(self, x_ND: torch.Tensor, counts: list[int], dtype: torch.dtype | None = None) -> str:
+        """self.impl, or for "auto" what `pick_impl` chooses for these rows in `dtype` (the
+        compute dtype: autocast's or moe.expert_dtype)."""
         if self.impl != "auto":
             return self.impl
-        if x_ND.device.type != "cpu":
-            return "loop"
-        widths = (self.d_model, self.d_ff, self.w1.shape[2])
-        grouped_ok = (self.compute_dtype in (torch.float32, torch.bfloat16) and x_ND.shape[0] > 0
-                      and all(w % 8 == 0 for w in widths))
-        small = x_ND.shape[0] < GROUPED_MM_MAX_ROWS_PER_EXPERT * max(1, len(counts))
-        many = len(counts) >= GROUPED_MM_MIN_EXPERTS
-        return "torch_grouped_mm" if grouped_ok and (small or many) else "fused"
+        capability = (torch.cuda.get_device_capability(x_ND.device)
+                      if x_ND.device.type == "cuda" else None)
+        return pick_impl(x_ND.device.type, dtype or self.compute_dtype, x_ND.shape[0], len(counts),
+                         (self.d_model, self.d_ff, self.w1.shape[2]), capability)
 
     def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         device_type = x_ND.device.type
@@ -241,7 +277,7 @@ class GroupedExperts(nn.Module):
         if dtype == torch.bfloat16 and x_ND.device.type == "cpu":
             _warn_if_slow_bf16(torch.backends.cpu.get_cpu_capability())
         x_cast, w1, w2 = x_ND.to(dtype), self.w1.to(dtype), self.w2.to(dtype)
-        impl = self.resolve_impl(x_ND, counts)
+        impl = self.resolve_impl(x_ND, counts, dtype)
         if impl == "fused":
             y_ND = _ExpertMLP.apply(x_cast, w1, w2, counts, self.activation)
         else:

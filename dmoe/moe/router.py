@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .capacity import count_per_expert
+
 SCORE_FUNCS = ("softmax", "sigmoid")
 
 
@@ -50,7 +52,7 @@ def load_balance_loss(probs_TE: torch.Tensor, expert_idx_TK: torch.Tensor) -> to
     Equals 1 under perfectly uniform routing; f_e carries no gradient, P_e does.
     """
     num_experts = probs_TE.shape[-1]
-    counts_E = torch.bincount(expert_idx_TK.flatten(), minlength=num_experts)
+    counts_E = count_per_expert(expert_idx_TK, num_experts)  # no host sync
     frac_E = counts_E.to(probs_TE.dtype) / max(expert_idx_TK.numel(), 1)
     mean_prob_E = probs_TE.sum(0) / max(probs_TE.shape[0], 1)  # 0 tokens: 0, not NaN
     return num_experts * torch.dot(frac_E, mean_prob_E)

@@ -131,6 +131,9 @@ class CommRecorder:
 
 
 _ACTIVE: CommRecorder | None = None
+# dmoe.startup.watchdog.Watchdog of this process's training loop, told the tag and group of
+# each collective entered (one attribute write); a second slot of the same kind
+_WATCHDOG = None
 
 
 def active() -> CommRecorder | None:
@@ -147,6 +150,17 @@ def recording(recorder: CommRecorder | None):
         yield recorder
     finally:
         _ACTIVE = previous
+
+
+@contextmanager
+def watching(watchdog):
+    """Makes `watchdog` (or None) the one the wrappers tell each collective they enter."""
+    global _WATCHDOG
+    previous, _WATCHDOG = _WATCHDOG, watchdog
+    try:
+        yield watchdog
+    finally:
+        _WATCHDOG = previous
 
 
 @contextmanager
@@ -178,6 +192,8 @@ def all_to_all_single(out: torch.Tensor, inp: torch.Tensor,
                       input_split_sizes: list[int] | None = None,
                       group: dist.ProcessGroup | None = None,
                       tag: CommTag = CommTag("all_to_all")) -> None:
+    if _WATCHDOG is not None:
+        _WATCHDOG.collective = (tag, group)
     rec = active()
     if rec is None:
         return dist.all_to_all_single(out, inp, output_split_sizes, input_split_sizes, group=group)
@@ -194,6 +210,8 @@ def all_to_all_single(out: torch.Tensor, inp: torch.Tensor,
 def all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM,
                group: dist.ProcessGroup | None = None,
                tag: CommTag = CommTag("all_reduce")) -> None:
+    if _WATCHDOG is not None:
+        _WATCHDOG.collective = (tag, group)
     rec = active()
     if rec is None:
         return dist.all_reduce(t, op=op, group=group)
@@ -205,6 +223,8 @@ def all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM,
 def all_gather(parts: list[torch.Tensor], t: torch.Tensor,
                group: dist.ProcessGroup | None = None,
                tag: CommTag = CommTag("all_gather")) -> None:
+    if _WATCHDOG is not None:
+        _WATCHDOG.collective = (tag, group)
     rec = active()
     if rec is None:
         return dist.all_gather(parts, t, group=group)

@@ -13,16 +13,19 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import torch
 
 from dmoe.config import Config, ConfigError, load_config, validate_paths
 
+from .elastic import join_restarted_group, restart_count
 from .launchers import LaunchInfo, detect_launch
-from .process_group import free_port, process_group
+from .process_group import free_port, group_timeout_s, process_group
 
 DEFAULT_CONFIG = "configs/default.yaml"
+ONE_LINE_GRACE_S = 2.0  # ranks != 0 wait this long before exiting with an error
 Body = Callable[[Config, LaunchInfo, torch.device, str], None]
 
 
@@ -45,6 +48,14 @@ def resolve_config(config_path: str, overrides: list[str], info: LaunchInfo) -> 
     path = config_path if os.path.exists(config_path) or config_path != DEFAULT_CONFIG else None
     cfg = load_config(path, overrides)
     validate_paths(cfg)
+    restarts = restart_count()
+    if not cfg.train.resume and restarts > 0:
+        # torchrun --max-restarts started this worker again after a failure: continue from
+        # the run dir's latest complete checkpoint (or start fresh if there is none yet)
+        cfg.train.resume = "auto"
+        if info.rank == 0:
+            logging.getLogger(__name__).warning(
+                "elastic restart %s (TORCHELASTIC_RESTART_COUNT): train.resume=auto", restarts)
     ParallelLayout(info.world_size, tp=cfg.parallel.tp, ep=cfg.parallel.ep).validate(cfg.moe.num_experts)
     engine_name = cfg.train.engine
     if engine_name == "auto":
@@ -64,6 +75,8 @@ def run_command(config_path: str, local_rank: int | None, overrides: list[str], 
     from dmoe.checkpoint.errors import CheckpointError
     from dmoe.train.nonfinite import NonFiniteError
 
+    from .signals import Interrupted
+
     info = detect_launch(deepspeed_launcher=local_rank is not None)
     setup_logging(info.rank)
     try:
@@ -71,6 +84,8 @@ def run_command(config_path: str, local_rank: int | None, overrides: list[str], 
     except (ConfigError, ValueError) as err:
         return _one_line("config error", err, info.rank)
     try:
+        # torchrun --max-restarts: this attempt's own store (timeout as dmoe.startup.process_group)
+        join_restarted_group(cfg, info, timeout_s=group_timeout_s(cfg))
         with process_group(cfg, info) as device:
             body(cfg, info, device, engine_name)
     except CheckpointError as err:  # the file and the fault
@@ -79,12 +94,21 @@ def run_command(config_path: str, local_rank: int | None, overrides: list[str], 
         return _one_line("config error", err, info.rank)
     except NonFiniteError as err:
         return _one_line("training stopped", err, info.rank, code=3)
+    except Interrupted as err:  # SIGTERM / SIGINT, train.save_on_signal=false
+        return _one_line("interrupted", err, info.rank, code=err.exit_code)
+    except KeyboardInterrupt:  # SIGINT before the training loop took over the signals
+        return _one_line("interrupted", "SIGINT during start-up", info.rank, code=130)
     return 0
 
 
 def _one_line(kind: str, err: Exception, rank: int = 0, code: int = 2) -> int:
     if rank == 0:
         sys.stderr.write(f"{kind}: {err}\n")  # plain, whatever the console
+        sys.stderr.flush()
+    else:
+        # the launcher (torchrun, deepspeed) kills the other ranks as soon as one exits
+        # non-zero: let rank 0 write the line before this rank's exit code is seen
+        time.sleep(ONE_LINE_GRACE_S)
     return code
 
 

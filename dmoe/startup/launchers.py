@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -52,6 +53,15 @@ def _scontrol(*args: str) -> str:
     return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True).stdout
 
 
+def first_node(nodelist: str) -> str:
+    """The first host of a Slurm nodelist without scontrol: 'gpu[07-09,12],cpu1' -> 'gpu07'."""
+    head = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?", nodelist.strip())
+    prefix, ranges = head.group(1), head.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
 def _slurm_master_addr() -> str:
     """The step's first node (where rank 0 runs): its host name, or, where that name does
     not resolve (virtual nodes such as the test cluster's vn1), the NodeAddr Slurm uses."""
@@ -61,7 +71,7 @@ def _slurm_master_addr() -> str:
     try:
         first = _scontrol("show", "hostnames", nodes).split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodes.split(",")[0]
+        return first_node(nodes)
     try:
         socket.getaddrinfo(first, None)
         return first

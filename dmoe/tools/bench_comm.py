@@ -56,7 +56,7 @@ def time_alltoall(nbytes: int, group: dist.ProcessGroup | None, n: int, device: 
     send, recv = torch.ones(count, device=device), torch.empty(count, device=device)
     for _ in range(warmup):
         dist.all_to_all_single(recv, send, group=group)
-    dist.barrier()
+    dist.barrier(group=group)  # the measured group only: ranks outside it are not here
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -67,16 +67,25 @@ def time_alltoall(nbytes: int, group: dist.ProcessGroup | None, n: int, device: 
     return (time.perf_counter() - t0) / iters
 
 
+def measured_groups(world: int, n: int) -> list[list[int]]:
+    """Consecutive rank groups of size n; the world % n last ranks are in none."""
+    return [list(range(s, s + n)) for s in range(0, world - world % n, n)]
+
+
 def run_bench(device: torch.device, sizes: list[int], iters: int, warmup: int) -> list[dict]:
+    """Every rank creates every group (new_group is collective over the default group, in
+    the same order everywhere) and joins every default-group collective below; ranks outside
+    a measured group (world % n of them) time nothing and report 0."""
     world, rank, rows = dist.get_world_size(), dist.get_rank(), []
     for n in group_sizes(world):
-        groups = [dist.new_group(list(range(s, s + n))) for s in range(0, world - world % n, n)]
+        groups = [dist.new_group(ranks) for ranks in measured_groups(world, n)]
         mine = groups[rank // n] if rank // n < len(groups) else None
         for nbytes in sizes:
             t = time_alltoall(nbytes, mine, n, device, iters, warmup) if mine is not None else 0.0
-            worst = torch.tensor([t], dtype=torch.float64)
+            # on the run's device: NCCL reduces only CUDA tensors
+            worst = torch.tensor([t], dtype=torch.float64, device=device)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-            t = float(worst)
+            t = float(worst.item())
             algbw = nbytes / t / 1e9 if t > 0 else 0.0
             rows.append({"group_size": n, "bytes": nbytes, "time_us": t * 1e6,
                          "algbw_gbps": algbw, "busbw_gbps": busbw(algbw, n)})

@@ -115,7 +115,7 @@ def profile_run(cfg: Config, info: LaunchInfo, device: torch.device, engine_name
     start = maybe_resume(cfg, engine, groups)
     layers = instrument_moe_layers(engine.module)
     recorder = CommRecorder(groups, measure_wait=measure_wait) if record else None
-    probe = GpuProbe(torch.cuda.current_device() if device.type == "cuda" else 0)
+    probe = GpuProbe(torch.cuda.current_device() if device.type == "cuda" else None)
     tokens = tokens_per_step(cfg, groups)
     ep_index, records, routing = groups.index("ep"), [], []
     for step in range(start + 1, start + warmup + steps + 1):

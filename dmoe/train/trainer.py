@@ -20,9 +20,12 @@ from dmoe.checkpoint.save import save_checkpoint
 from dmoe.config import Config, ConfigError, save_config
 from dmoe.data.token_files import TokenData, prepare
 from dmoe.model.transformer import ModelOutput, MoETransformer
+from dmoe.parallel import comm_trace
 from dmoe.parallel.layout import ParallelLayout, ProcessGroups, build_process_groups
 from dmoe.parallel.parallelize import parallelize
 from dmoe.startup.launchers import LaunchInfo
+from dmoe.startup.signals import Interrupted, StopOnSignal, signal_name
+from dmoe.startup.watchdog import Watchdog
 from dmoe.train.engines import Engine, build_engine
 from dmoe.train.metrics import MetricsSink
 from dmoe.train.nonfinite import NonFiniteError, safe_exp
@@ -114,12 +117,34 @@ def _on_nonfinite(cfg: Config, engine: str, step: int, what: str, skipped: int) 
 
 
 def train(cfg: Config, info: LaunchInfo, device: torch.device, engine_name: str) -> dict:
-    t = cfg.train
-    run_dir = Path(t.run_dir)
     check_fresh_start(cfg, info.rank)  # before anything is written into run_dir
     data = prepare_data(cfg, info)
     engine, groups, layout = build(cfg, info, device, engine_name)
+    watchdog = Watchdog(cfg.parallel.timeout_s, info.rank, groups)  # parallel.timeout_s; 0: off
+    with watchdog, comm_trace.watching(watchdog), StopOnSignal(info.rank) as stop:
+        return _train_loop(cfg, info, device, data, engine, groups, layout, watchdog, stop)
+
+
+def _stop_on_signal(cfg: Config, engine: Engine, groups: ProcessGroups, step: int, signum: int,
+                    saved: bool) -> None:
+    """Every rank agreed a signal arrived: train.save_on_signal saves this step (unless just
+    saved) and returns (the run ends, exit 0); else Interrupted (one line, 128 + signal)."""
+    name = signal_name(signum)
+    if not cfg.train.save_on_signal:
+        raise Interrupted(f"{name} at step {step}: training stopped after the step, nothing saved "
+                          "(set --train.save_on_signal=true to save a checkpoint first)", signum)
+    if not saved:
+        save_checkpoint(engine, cfg, groups, step, {"step": step, "seed": cfg.train.seed})
+    log.info("%s at step %d: checkpoint saved (train.save_on_signal); stopping", name, step)
+
+
+def _train_loop(cfg: Config, info: LaunchInfo, device: torch.device, data: TokenData, engine: Engine,
+                groups: ProcessGroups, layout: ParallelLayout, watchdog: Watchdog,
+                stop: StopOnSignal) -> dict:
+    t = cfg.train
+    run_dir = Path(t.run_dir)
     start = maybe_resume(cfg, engine, groups)  # 0: fresh start
+    watchdog.beat(start)
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -129,16 +154,18 @@ def train(cfg: Config, info: LaunchInfo, device: torch.device, engine_name: str)
                        console=os.environ.get("DMOE_NO_PROGRESS") != "1")
     tokens = tokens_per_step(cfg, groups)
     history, t0, window_t0 = {"val": []}, time.time(), time.time()
-    skipped = 0
+    skipped, stopped_at = 0, None
 
     def eval_and_log(step: int) -> None:
         val = evaluate(engine, data, cfg, groups, device)
         history["val"].append((step, val))
         sink.log(step, {"val_loss": val, "val_ppl": safe_exp(val)}, kind="eval")
+        watchdog.beat()
 
     try:
         eval_and_log(start)
         for step in range(start + 1, t.steps + 1):
+            watchdog.beat(step)
             result = train_step(engine, data, cfg, groups, device, step)
             if result.nonfinite:
                 skipped = _on_nonfinite(cfg, engine.name, step, result.nonfinite, skipped)
@@ -151,8 +178,15 @@ def train(cfg: Config, info: LaunchInfo, device: torch.device, engine_name: str)
                 sink.advance(step)
             if step % t.eval_every == 0 or step == t.steps:
                 eval_and_log(step)
-            if t.save_every and (step % t.save_every == 0 or step == t.steps):
+            saved = bool(t.save_every and (step % t.save_every == 0 or step == t.steps))
+            if saved:
                 save_checkpoint(engine, cfg, groups, step, {"step": step, "seed": t.seed})
+                watchdog.beat()
+            signum = stop.agreed(device)
+            if signum:
+                _stop_on_signal(cfg, engine, groups, step, signum, saved)
+                stopped_at = step
+                break
     finally:
         sink.close()
     summary = {
@@ -161,6 +195,8 @@ def train(cfg: Config, info: LaunchInfo, device: torch.device, engine_name: str)
         "val_loss_first": history["val"][0][1], "val_loss_last": history["val"][-1][1],
         "val_curve": history["val"], "tokens_per_step": tokens,
     }
+    if stopped_at is not None:
+        summary["stopped_by_signal_at"] = stopped_at
     if info.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("done in %.1fs: val loss %.3f -> %.3f", summary["seconds"],

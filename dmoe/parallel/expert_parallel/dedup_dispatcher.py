@@ -14,7 +14,9 @@ Same `Dispatcher` protocol and ownership (dmoe.parallel.layout.expert_range) as 
 dispatcher; capacity is decided per (token, expert) on the sending rank exactly as there.
 Communication, forward (numbered as in `dispatch`): (2) counts [S, L+1] int, (3) U token
 rows, (4) N row indices int, (5) N gates; combine (7) U result rows back. Backward: the
-row, gate and result all-to-alls in reverse. Host syncs: one `.tolist()` of the counts.
+row, gate and result all-to-alls in reverse. Host syncs: one `.tolist()` of the counts
+(dmoe.moe.dispatcher.host_list); the unique rows are found with a sort and a cumsum over
+all assignments (no torch.unique, bincount or boolean mask, which read sizes back).
 """
 from __future__ import annotations
 
@@ -23,14 +25,20 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dmoe.moe.dispatcher import CapacitySettings, DispatchMeta, combine_rows, permute_tokens
+from dmoe.moe.dispatcher import (
+    CapacitySettings,
+    DispatchMeta,
+    combine_rows,
+    host_list,
+    permute_tokens,
+)
 from dmoe.moe.router import Routing
 from dmoe.parallel import comm_trace
 from dmoe.parallel.comm_trace import CommTag
 from dmoe.parallel.layout import expert_range
 
 from .all_to_all import all_to_all
-from .dispatcher import local_expert_order
+from .dispatcher import local_expert_order, wire_dtype
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,7 @@ class DedupMeta(DispatchMeta):
     token_U: torch.Tensor  # this rank's token behind each sent unique row
     row_u_idx_N: torch.Tensor  # per expert row (local-expert order): its received unique row
     gate_recv_N: torch.Tensor  # per expert row (local-expert order): its gate (differentiable)
+    out_dtype: torch.dtype | None = None  # the tokens' dtype: combine returns rows in it
 
 
 class DedupAllToAllDispatcher:
@@ -64,27 +73,43 @@ class DedupAllToAllDispatcher:
         # 1. Capacity plan on this rank's tokens (kept rows in global-expert order), then
         #    the unique (destination, token) pairs, destination-major.
         plan, token_idx_N, gate_N, cap = permute_tokens(routing, T, self.num_experts,
-                                                        self.capacity, training)
+                                                        self.capacity, training, compact=False)
+        N_all, ep = token_idx_N.shape[0], self.ep
         expert_N = routing.expert_idx_TK.t().reshape(-1).index_select(0, plan.order_N)
         owner_N = expert_N // L
-        key_U, inverse_N = torch.unique(owner_N * T + token_idx_N, sorted=True, return_inverse=True)
-        owner_U, token_U = key_U // T, key_U % T
-        send_u_S = torch.bincount(owner_U, minlength=self.ep)
+        # unique (owner, token) keys among the kept rows (the first counts_E.sum() of the
+        # uncompacted order); dropped rows get a key past every real one
+        kept_mask = torch.arange(N_all, device=x_TD.device) < plan.counts_E.sum()
+        sentinel = ep * T
+        key_N = torch.where(kept_mask, owner_N * T + token_idx_N, sentinel)
+        key_sorted, perm = torch.sort(key_N, stable=True)
+        first = torch.ones_like(key_sorted, dtype=torch.bool)
+        first[1:] = key_sorted[1:] != key_sorted[:-1]
+        first &= key_sorted < sentinel
+        u_sorted = torch.cumsum(first, 0) - 1  # unique-row index of each sorted row
+        inverse_N = torch.empty_like(u_sorted).scatter_(0, perm, u_sorted)
+        send_u_S = torch.zeros(ep + 1, dtype=torch.int64, device=x_TD.device).scatter_add_(
+            0, key_sorted // T, first.long())[:ep]
         first_u_S = torch.cumsum(send_u_S, 0) - send_u_S
-        local_u_N = inverse_N - first_u_S[owner_N]  # index inside the destination's block
+        local_u_N = inverse_N - first_u_S[owner_N.clamp(max=ep - 1)]  # index in the destination's block
         # 2. Counts: per destination, rows per local expert and unique token rows.
-        send_SX = torch.cat([plan.counts_E.reshape(self.ep, L), send_u_S.unsqueeze(1)], 1)
+        send_SX = torch.cat([plan.counts_E.reshape(ep, L), send_u_S.unsqueeze(1)], 1)
         recv_SX = torch.empty_like(send_SX)
         comm_trace.all_to_all_single(recv_SX, send_SX.contiguous(), group=self.ep_group,
                                      tag=self._tag("a2a_counts"))
         recv_SL = recv_SX[:, :L]
-        flat = torch.cat([send_SX[:, :L].sum(1), send_u_S, recv_SL.sum(1), recv_SX[:, L],
-                          recv_SL.sum(0)]).tolist()  # the one host sync
-        ep = self.ep
+        flat = host_list(torch.cat([send_SX[:, :L].sum(1), send_u_S, recv_SL.sum(1), recv_SX[:, L],
+                                    recv_SL.sum(0)]))  # the one host sync
         send_n, send_u, recv_n, recv_u = (flat[i * ep:(i + 1) * ep] for i in range(4))
         counts_L = flat[4 * ep:]
+        kept, U = sum(send_n), sum(send_u)
+        token_idx_N, gate_N, local_u_N = token_idx_N[:kept], gate_N[:kept], local_u_N[:kept]
+        # the token of each unique row: the first sorted row of each key writes it (the
+        # other rows write to a spare slot U, dropped)
+        token_U = torch.empty(U + 1, dtype=key_sorted.dtype, device=x_TD.device).scatter_(
+            0, torch.where(first, u_sorted, U), key_sorted % T)[:U]
         # 3. Token rows, once per destination.
-        x_recv_UD = all_to_all(x_TD.index_select(0, token_U), recv_u, send_u, self.ep_group,
+        x_recv_UD = all_to_all(wire_dtype(x_TD.index_select(0, token_U)), recv_u, send_u, self.ep_group,
                                self._tag("a2a_dispatch"))
         # 4. For every (token, expert) row, which of the received token rows it reads.
         local_u_recv_N = local_u_N.new_empty(sum(recv_n))
@@ -97,21 +122,23 @@ class DedupAllToAllDispatcher:
                                            torch.tensor(recv_n, device=x_TD.device),
                                            output_size=sum(recv_n))
         first_recv_S = torch.tensor([0] + recv_u[:-1], device=x_TD.device).cumsum(0)
-        sort_N = local_expert_order(recv_SL)
+        sort_N = local_expert_order(recv_SL, sum(recv_n))
         row_u_idx_N = (first_recv_S[source_N] + local_u_recv_N).index_select(0, sort_N)
         meta = DedupMeta(
             token_idx_N=token_idx_N, gate_N=gate_N, counts=counts_L,
             routed_E=plan.routed_E, kept_E=plan.counts_E, capacity=cap, num_tokens=T,
             send_u=send_u, recv_u=recv_u, token_U=token_U, row_u_idx_N=row_u_idx_N,
-            gate_recv_N=gate_recv_N.index_select(0, sort_N),
+            gate_recv_N=gate_recv_N.index_select(0, sort_N), out_dtype=x_TD.dtype,
         )
         return x_recv_UD.index_select(0, row_u_idx_N), meta
 
     def combine(self, y_ND: torch.Tensor, meta: DedupMeta) -> torch.Tensor:
         # 7. Gate-weighted sum per received token row on the expert side, then one row back.
         y_recv_UD = combine_rows(y_ND, meta.row_u_idx_N, meta.gate_recv_N, sum(meta.recv_u))
-        y_sent_UD = all_to_all(y_recv_UD, meta.send_u, meta.recv_u, self.ep_group,
+        y_sent_UD = all_to_all(wire_dtype(y_recv_UD), meta.send_u, meta.recv_u, self.ep_group,
                                self._tag("a2a_combine"))
+        if meta.out_dtype is not None:
+            y_sent_UD = y_sent_UD.to(meta.out_dtype)
         # 8. Back to this rank's tokens (each token's ranks add up).
         out_TD = y_sent_UD.new_zeros(meta.num_tokens, y_sent_UD.shape[1])
         return out_TD.index_add(0, meta.token_U, y_sent_UD)
