@@ -65,16 +65,10 @@ class Dispatcher(Protocol, Generic[MetaT]):
     def set_layer_id(self, layer_id: int) -> None: ...
 
 
-# Host synchronisations of the dispatchers (reads of device values into Python), counted
-# where they happen: one per MoE layer forward (the rows per expert after the count
-# exchange, which size the all-to-alls and the experts' row blocks); none in backward.
-HOST_SYNCS = {"count": 0}
-
-
-def host_list(t: torch.Tensor) -> list:
-    """t.tolist(), counted in HOST_SYNCS (the dispatchers' only read back to the host)."""
-    HOST_SYNCS["count"] += 1
-    return t.tolist()
+# Host synchronisations of the dispatchers (reads of device values into Python): one
+# `.tolist()` per MoE layer forward (the rows per expert after the count exchange, which
+# size the all-to-alls and the experts' row blocks); none in backward
+# (tests/distributed/test_dispatch_host_syncs.py counts them).
 
 
 def permute_tokens(
@@ -164,7 +158,7 @@ class LocalDispatcher:
         plan, token_idx_N, gate_N, cap = permute_tokens(
             routing, num_tokens, self.num_experts, self.capacity, training, compact=False
         )
-        counts = host_list(plan.counts_E)  # the one host sync
+        counts = plan.counts_E.tolist()  # the one host sync
         kept = sum(counts)
         token_idx_N, gate_N = token_idx_N[:kept], gate_N[:kept]
         meta = DispatchMeta(

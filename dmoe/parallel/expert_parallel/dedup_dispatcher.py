@@ -14,8 +14,8 @@ Same `Dispatcher` protocol and ownership (dmoe.parallel.layout.expert_range) as 
 dispatcher; capacity is decided per (token, expert) on the sending rank exactly as there.
 Communication, forward (numbered as in `dispatch`): (2) counts [S, L+1] int, (3) U token
 rows, (4) N row indices int, (5) N gates; combine (7) U result rows back. Backward: the
-row, gate and result all-to-alls in reverse. Host syncs: one `.tolist()` of the counts
-(dmoe.moe.dispatcher.host_list); the unique rows are found with a sort and a cumsum over
+row, gate and result all-to-alls in reverse. Host syncs: one `.tolist()` of the counts;
+the unique rows are found with a sort and a cumsum over
 all assignments (no torch.unique, bincount or boolean mask, which read sizes back).
 """
 from __future__ import annotations
@@ -23,22 +23,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from dmoe.moe.dispatcher import (
-    CapacitySettings,
     DispatchMeta,
     combine_rows,
-    host_list,
     permute_tokens,
 )
 from dmoe.moe.router import Routing
 from dmoe.parallel import comm_trace
-from dmoe.parallel.comm_trace import CommTag
-from dmoe.parallel.layout import expert_range
 
 from .all_to_all import all_to_all
-from .dispatcher import local_expert_order, wire_dtype
+from .dispatcher import ExpertParallelDispatcher, local_expert_order, wire_dtype
 
 
 @dataclass(frozen=True)
@@ -51,21 +46,8 @@ class DedupMeta(DispatchMeta):
     out_dtype: torch.dtype | None = None  # the tokens' dtype: combine returns rows in it
 
 
-class DedupAllToAllDispatcher:
+class DedupAllToAllDispatcher(ExpertParallelDispatcher):
     """One row per (token, destination rank) each way; see the module doc."""
-
-    def __init__(self, num_experts: int, capacity: CapacitySettings,
-                 ep_group: dist.ProcessGroup | None = None):
-        ep = dist.get_world_size(ep_group)
-        self.num_experts, self.capacity, self.ep_group = num_experts, capacity, ep_group
-        self.ep, self.num_local = ep, len(expert_range(0, ep, num_experts))
-        self.layer_id: int | None = None
-
-    def set_layer_id(self, layer_id: int) -> None:
-        self.layer_id = layer_id
-
-    def _tag(self, name: str) -> CommTag:
-        return CommTag(name, self.layer_id)
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, training: bool
                  ) -> tuple[torch.Tensor, DedupMeta]:
@@ -98,8 +80,8 @@ class DedupAllToAllDispatcher:
         comm_trace.all_to_all_single(recv_SX, send_SX.contiguous(), group=self.ep_group,
                                      tag=self._tag("a2a_counts"))
         recv_SL = recv_SX[:, :L]
-        flat = host_list(torch.cat([send_SX[:, :L].sum(1), send_u_S, recv_SL.sum(1), recv_SX[:, L],
-                                    recv_SL.sum(0)]))  # the one host sync
+        flat = torch.cat([send_SX[:, :L].sum(1), send_u_S, recv_SL.sum(1), recv_SX[:, L],
+                          recv_SL.sum(0)]).tolist()  # the one host sync
         send_n, send_u, recv_n, recv_u = (flat[i * ep:(i + 1) * ep] for i in range(4))
         counts_L = flat[4 * ep:]
         kept, U = sum(send_n), sum(send_u)

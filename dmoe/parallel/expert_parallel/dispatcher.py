@@ -9,7 +9,7 @@ contiguous block [r*L, (r+1)*L). The `Dispatcher` protocol of dmoe.moe.dispatche
     y_TD = dispatcher.combine(y_ND, meta)
 Communication: dispatch does two all-to-alls (per-expert counts, then rows), combine does
 one (rows back); backward repeats the row all-to-alls in reverse. Host syncs: one
-`.tolist()` (dmoe.moe.dispatcher.host_list) of the exchanged counts per forward; no
+`.tolist()` of the exchanged counts per forward; no
 bincount, boolean mask or unsized repeat_interleave on the way. Every rank of the EP
 group must call dispatch and combine for every layer, even with no tokens, and ranks must
 agree on whether they backpropagate (the backward all-to-alls are collectives too).
@@ -34,7 +34,6 @@ from dmoe.moe.dispatcher import (
     CapacitySettings,
     DispatchMeta,
     combine_rows,
-    host_list,
     permute_tokens,
 )
 from dmoe.moe.router import Routing
@@ -79,8 +78,8 @@ def local_expert_order(counts_SL: torch.Tensor, total: int | None = None) -> tor
     return torch.argsort(expert_N * num_sources + source_N, stable=True)
 
 
-class AllToAllDispatcher:
-    """Sends each kept row to the EP rank that owns its expert, and brings it back."""
+class ExpertParallelDispatcher:
+    """What both EP dispatchers share: the group, expert ownership, the layer's comm tags."""
 
     def __init__(self, num_experts: int, capacity: CapacitySettings,
                  ep_group: dist.ProcessGroup | None = None):
@@ -91,6 +90,13 @@ class AllToAllDispatcher:
 
     def set_layer_id(self, layer_id: int) -> None:
         self.layer_id = layer_id
+
+    def _tag(self, name: str) -> CommTag:
+        return CommTag(name, self.layer_id)
+
+
+class AllToAllDispatcher(ExpertParallelDispatcher):
+    """Sends each kept row to the EP rank that owns its expert, and brings it back."""
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, training: bool
                  ) -> tuple[torch.Tensor, AllToAllMeta]:
@@ -104,16 +110,16 @@ class AllToAllDispatcher:
         send_SL = plan.counts_E.reshape(self.ep, self.num_local)
         recv_SL = torch.empty_like(send_SL)
         comm_trace.all_to_all_single(recv_SL, send_SL.contiguous(), group=self.ep_group,
-                                     tag=CommTag("a2a_counts", self.layer_id))
+                                     tag=self._tag("a2a_counts"))
         ep = self.ep
-        flat = host_list(torch.cat([send_SL.sum(1), recv_SL.sum(1), recv_SL.sum(0)]))  # the one host sync
+        flat = torch.cat([send_SL.sum(1), recv_SL.sum(1), recv_SL.sum(0)]).tolist()  # the one host sync
         send_splits, recv_splits, counts_L = flat[:ep], flat[ep:2 * ep], flat[2 * ep:]
         kept = sum(send_splits)  # kept rows come first in the uncompacted order
         token_idx_N, gate_N = token_idx_N[:kept], gate_N[:kept]
         # 3. Rows to their owners (uneven splits; zero rows either way is fine).
         x_recv_ND = all_to_all(
             wire_dtype(x_TD.index_select(0, token_idx_N)), recv_splits, send_splits, self.ep_group,
-            CommTag("a2a_dispatch", self.layer_id),
+            self._tag("a2a_dispatch"),
         )
         # 4. (source, local expert) order -> local-expert-contiguous order.
         sort_N = local_expert_order(recv_SL, sum(recv_splits))
@@ -140,7 +146,7 @@ class AllToAllDispatcher:
         y_recv_ND = y_ND.index_select(0, meta.unsort_N)
         # 7. Rows back to the ranks their tokens came from (splits swapped).
         y_sent_ND = all_to_all(wire_dtype(y_recv_ND), meta.send_splits, meta.recv_splits,
-                               self.ep_group, CommTag("a2a_combine", self.layer_id))
+                               self.ep_group, self._tag("a2a_combine"))
         if meta.out_dtype is not None:
             y_sent_ND = y_sent_ND.to(meta.out_dtype)  # the weighted sum in the tokens' dtype
         # 8. Gate-weighted sum per token, as in the local dispatcher.
