@@ -12,30 +12,38 @@ CONFIG ?= configs/default.yaml
 # the `hf` extra (dmoe import/export checked against transformers); pinned, as in pyproject.toml
 TRANSFORMERS := transformers==5.23.0
 ARGS ?=
+# torch's CPU wheels (no 3 GB CUDA stack); constraints.txt pins what the tests ran with
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PINS := $(VENV)/constraints.txt
+# the DeepSpeed launcher's accelerator on machines without a GPU (without it, each of its
+# processes logs "Setting accelerator to CPU")
+DS_ENV := $(if $(filter-out 0,$(GPUS)),,DS_ACCELERATOR=$${DS_ACCELERATOR:-cpu})
 
 .PHONY: setup system-deps train train-torchrun test test-fast test-docker bench gpu-check clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.txt Makefile
+$(STAMP): pyproject.toml requirements.txt constraints.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	@# torch first: the CPU wheel on CPU machines; GPU users keep (or get) a CUDA build
+	@# torch first, at constraints.txt's version: the CPU wheel (PyTorch's CPU index, no CUDA
+	@# stack) on CPU machines, PyPI's CUDA build with a GPU; a torch already here is kept
 	if ! $(PY) -c "import torch" 2>/dev/null; then \
-	  if [ "$(GPUS)" != "0" ]; then $(PIP) install -q torch; else $(PIP) install -q torch==2.13.0; fi; fi
-	$(PIP) install -q -r requirements.txt
-	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation deepspeed
-	@# transformers constrained to the torch already here: nothing it pulls may swap the build
-	$(PY) -c "import transformers as t, sys; sys.exit(t.__version__ != '$(subst transformers==,,$(TRANSFORMERS))')" 2>/dev/null || { \
-	  $(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt && \
-	  $(PIP) install -q -c $(VENV)/torch-pin.txt "$(TRANSFORMERS)"; }
+	  if [ "$(GPUS)" != "0" ]; then $(PIP) install -q -c constraints.txt torch; \
+	  else $(PIP) install -q -c constraints.txt torch --extra-index-url $(TORCH_CPU_INDEX); fi; fi
+	@# everything else pinned by constraints.txt, with the venv's own torch: nothing may swap the build
+	{ $(PY) -c "import torch; print('torch==' + torch.__version__)" && grep -v '^torch==' constraints.txt; } > $(PINS)
+	$(PIP) install -q -c $(PINS) -r requirements.txt
+	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation -c $(PINS) deepspeed
+	$(PY) -c "import transformers as t, sys; sys.exit(t.__version__ != '$(subst transformers==,,$(TRANSFORMERS))')" 2>/dev/null || \
+	  $(PIP) install -q -c $(PINS) "$(TRANSFORMERS)"
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 # The main job: the DeepSpeed launcher and engine on the default config. A second run starts
 # over (train.overwrite moves the previous checkpoints aside); ARGS="--train.resume=auto" resumes.
 train: setup
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(PORT) \
-	  launch/train.py --config $(CONFIG) --train.overwrite=true $(ARGS); rc=$$?; \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(DS_ENV) $(VENV)/bin/deepspeed --log_level warning \
+	  --num_gpus $(NPROC) --master_port $(PORT) launch/train.py --config $(CONFIG) --train.overwrite=true $(ARGS); rc=$$?; \
 	  rm -f /dev/shm/deepspeed_allreduce_buffer_*_$(PORT)_*; exit $$rc
 
 # The same run on the plain torch engine.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +60,9 @@ def activate(h, activation):
     return F.gelu(h)
 
 
-def init_deepspeed():
-    """One-rank gloo group plus DeepSpeed's expert groups (MoE.set_deepspeed_parallelism)."""
+def init_deepspeed(backend="gloo"):
+    """One-rank group (gloo; nccl for CUDA tensors, which gloo's all-to-all does not take)
+    plus DeepSpeed's expert groups (MoE.set_deepspeed_parallelism)."""
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
@@ -68,7 +70,7 @@ def init_deepspeed():
     with contextlib.redirect_stdout(sys.stderr):  # keep stdout to JSON lines
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
 def deepspeed_gating(k: int) -> str | None:
@@ -142,25 +144,27 @@ class Limit:
     rows, in the same backward.
     """
 
-    def __init__(self, layer: MoELayer, counts, activation, dtype, gen, shared=None, tokens=0):
+    def __init__(self, layer: MoELayer, counts, activation, dtype, gen, shared=None, tokens=0,
+                 device=None):
         self.counts, self.activation, self.dtype = counts, activation, dtype
         n = sum(counts)
-        self.x = torch.randn(n, D_MODEL, generator=gen).requires_grad_()
-        self.grad = torch.randn(n, D_MODEL, generator=gen)
+        ex = layer.experts
+        dev = device or ex.w1.device
+        leaf = lambda t: t.detach().to(dev).clone().requires_grad_()
+        # drawn on the CPU generator, then moved: the same values on every device
+        self.x = leaf(torch.randn(n, D_MODEL, generator=gen))
+        self.grad = torch.randn(n, D_MODEL, generator=gen).to(dev)
         self.shared = []
         if shared is not None:
-            self.sx = torch.randn(tokens, D_MODEL, generator=gen).requires_grad_()
-            self.sgrad = torch.randn(tokens, D_MODEL, generator=gen)
-            self.sw1 = shared.mlp.fc1.weight.detach().clone().requires_grad_()
-            self.sw2 = shared.mlp.fc2.weight.detach().clone().requires_grad_()
+            self.sx = leaf(torch.randn(tokens, D_MODEL, generator=gen))
+            self.sgrad = torch.randn(tokens, D_MODEL, generator=gen).to(dev)
+            self.sw1, self.sw2 = leaf(shared.mlp.fc1.weight), leaf(shared.mlp.fc2.weight)
             self.shared = [self.sx, self.sw1, self.sw2]
-        ex = layer.experts
         # Per-expert nn.Linear-layout weights (separate leaves, like DeepSpeed's ModuleList).
-        self.w1s = [ex.w1[e].detach().t().contiguous().requires_grad_() for e in range(ex.num_experts)]
-        self.w2s = [ex.w2[e].detach().t().contiguous().requires_grad_() for e in range(ex.num_experts)]
-        self.w1 = ex.w1.detach().clone().requires_grad_()
-        self.w2 = ex.w2.detach().clone().requires_grad_()
-        self.offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+        self.w1s = [leaf(ex.w1[e].t().contiguous()) for e in range(ex.num_experts)]
+        self.w2s = [leaf(ex.w2[e].t().contiguous()) for e in range(ex.num_experts)]
+        self.w1, self.w2 = leaf(ex.w1), leaf(ex.w2)
+        self.offs = torch.tensor(counts).cumsum(0).to(dtype=torch.int32, device=dev)
 
     def params(self):
         return [self.x, self.w1, self.w2, *self.w1s, *self.w2s, *self.shared]
@@ -187,7 +191,12 @@ class Limit:
 
 
 def layer_step(module, x, grad, is_ds):
-    """One forward + backward of a layer (dmoe's or DeepSpeed's, either maybe WithShared)."""
+    """One forward + backward of a layer (dmoe's or DeepSpeed's, either maybe WithShared;
+    is_ds="titan": torchtitan's, which returns y alone and has no aux loss)."""
+    if is_ds == "titan":
+        y = module(x)
+        y.backward(grad)
+        return y
     if is_ds:
         y, aux, _ = module(x)
     else:
@@ -215,3 +224,82 @@ def peak_live_bytes(fn) -> int:
         live += e.nbytes()
         peak = max(peak, live)
     return peak
+
+
+# ---------------------------------------------------------------- torchtitan (a peer)
+
+# Where bench/install_peers.sh puts torchtitan 0.3.0 (not a dmoe dependency).
+PEERS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv", "peers")
+
+
+def import_torchtitan():
+    """torchtitan's MoE module from PEERS_DIR, or None (one line on stderr) when absent.
+
+    Its token dispatcher imports torchtitan.distributed.minimal_async_ep, which needs
+    triton; the local (EP 1) path never calls it, so without triton a stub stands in."""
+    import importlib.util
+    import types
+
+    if PEERS_DIR not in sys.path:
+        sys.path.append(PEERS_DIR)  # last: the venv's own packages win
+    if importlib.util.find_spec("torchtitan") is None:
+        print(f"torchtitan: not installed (bench/install_peers.sh puts it in {PEERS_DIR}); "
+              "skipping that peer", file=sys.stderr)
+        return None
+    stub = "torchtitan.distributed.minimal_async_ep"
+    if importlib.util.find_spec("triton") is None and stub not in sys.modules:
+        module = types.ModuleType(stub)
+        for name in ("combine_op", "dispatch_op", "init_buffer", "MinimalAsyncEPDispatchMetadata"):
+            setattr(module, name, None)
+        sys.modules[stub] = module
+    with contextlib.redirect_stdout(sys.stderr):
+        from torchtitan.models.common import moe
+
+    return moe
+
+
+def _titan_gelu_experts(experts):
+    """torchtitan's GroupedExperts.forward with dmoe's expert MLP: GELU, fp32 (its own
+    forward is SwiGLU in bf16), the same torch._grouped_mm calls on its [E, F, D] weights."""
+    def forward(x_RD, num_tokens_per_expert_E):
+        offsets_E = torch.cumsum(num_tokens_per_expert_E, dim=0, dtype=torch.int32)
+        h_RF = F.gelu(experts._grouped_mm(A=x_RD, B_t=experts.w1_EFD.transpose(-2, -1),
+                                          offs=offsets_E))
+        return experts._grouped_mm(A=h_RF, B_t=experts.w2_EDF.transpose(-2, -1), offs=offsets_E)
+    return forward
+
+
+def build_torchtitan(layer: MoELayer, k):
+    """torchtitan 0.3.0's MoE (token-choice top-k router, argsort local dispatcher,
+    torch._grouped_mm experts) with dmoe's router and expert weights: softmax scores,
+    top-k renormalised for k > 1 (route_norm; at k=1 both keep the softmax probability as
+    the gate), no load-balance bias, GELU fp32 experts. It has no
+    capacity: every case runs dropless. Returns None when torchtitan is not installed."""
+    moe = import_torchtitan()
+    if moe is None:
+        return None
+    from torchtitan.models.common.linear import Linear
+    from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
+
+    num_experts, ex = layer.router.num_experts, layer.experts
+    cfg = moe.MoE.Config(
+        num_experts=num_experts, load_balance_coeff=None,
+        routed_experts=moe.RoutedExperts.Config(
+            inner_experts=moe.GroupedExperts.Config(dim=D_MODEL, hidden_dim=ex.d_ff,
+                                                    num_experts=num_experts),
+            token_dispatcher=LocalTokenDispatcher.Config(num_experts=num_experts, top_k=k)),
+        router=moe.TokenChoiceTopKRouter.Config(
+            num_experts=num_experts, gate=Linear.Config(in_features=D_MODEL, out_features=num_experts),
+            top_k=k, score_func="softmax", route_norm=k > 1))  # dmoe: a k=1 gate stays p
+    # its router's fp32 autocast warns on every CPU forward (a no-op there)
+    warnings.filterwarnings("ignore", r"(?s).*CPU Autocast only supports")
+    titan = cfg.build().to(ex.w1.device)
+    inner = titan.routed_experts.inner_experts
+    del inner.w3_EFD  # SwiGLU's third matrix: unused by the GELU expert
+    inner.register_parameter("w3_EFD", None)
+    with torch.no_grad():
+        titan.router.gate.weight.copy_(layer.router.gate.weight)
+        inner.w1_EFD.copy_(ex.w1.transpose(1, 2))
+        inner.w2_EDF.copy_(ex.w2.transpose(1, 2))
+    inner.forward = _titan_gelu_experts(inner)
+    return titan

@@ -1,4 +1,4 @@
-"""Forward+backward of one MoE layer: dmoe against deepspeed.moe.layer.MoE and the "limit".
+"""Forward+backward of one MoE layer: dmoe against DeepSpeed's and torchtitan's MoE layers and the "limit".
 
     .venv/bin/python bench/moe_layer.py --quick               # 3 cases, a few minutes
     nice .venv/bin/python bench/moe_layer.py > grid.jsonl     # the full grid (48 cases)
@@ -8,6 +8,8 @@
     .venv/bin/python bench/moe_layer.py --ep 2 --tokens 4096 --experts 8 32 --cf 1.25 dropless
     .venv/bin/python bench/moe_layer.py --fine-grained        # E 64/128, k 6/8, ffn 256 (8 cases)
     .venv/bin/python bench/moe_layer.py --shared              # the same plus a shared expert
+    .venv/bin/python bench/moe_layer.py --device cuda --quick # everything on the GPU
+    bash bench/install_peers.sh                               # torchtitan 0.3.0 -> .venv/peers
 
 One JSON line per case on stdout, a readable table at the end (stderr). Every
 implementation is timed in the same process, one thread, interleaved rep by rep (the
@@ -18,6 +20,15 @@ and one torch._grouped_mm per matmul. Peak memory is the high-water mark of live
 CPU tensor bytes during one step, above what was live when it began (parameters and
 inputs excluded, gradients included), from the profiler's allocation records.
 --ep 2 runs each case expert-parallel over two forked gloo ranks (bench/moe_layer_ep.py).
+
+Peers: DeepSpeed's MoE (a dmoe dependency) and torchtitan 0.3.0's (benchmark only, from
+bench/install_peers.sh; skipped with one line when absent, or with --no-torchtitan), both
+given dmoe's router and expert weights. torchtitan's experts run dmoe's GELU MLP in fp32
+through its own torch._grouped_mm calls (so it runs only with the default GELU, float32
+experts, and not with --shared); it has no capacity, so it runs every case dropless.
+--device cuda: layers, inputs and the limit on the GPU, torch.cuda.synchronize around every
+timed rep, peak memory from torch.cuda.max_memory_allocated; DeepSpeed on a 1-rank NCCL
+group; a peer that raises there is dropped from the case (its error in the JSON line).
 
 Case sets: the grid (tokens x experts x k x cf, expert ffn D_FF = 1024); --quick (3 grid
 cases); --fine-grained (T 4096, E {64, 128}, k {6, 8}, cf {1.25, dropless}, expert ffn
@@ -54,6 +65,7 @@ from moe_common import (  # noqa: E402  (bench/ is on sys.path: the script's dir
     build_deepspeed,
     build_dmoe,
     build_shared,
+    build_torchtitan,
     deepspeed_gating,
     init_deepspeed,
     layer_step,
@@ -86,8 +98,12 @@ class Case(NamedTuple):
     shared_ff: int | None = None  # width of the shared expert's MLP, None: no shared expert
 
 
-def timed(fns: dict, params: dict, warmup: int, budget_s: float, min_reps: int, max_reps: int):
-    """Interleave the callables rep by rep (rotating order): median wall, median CPU, min wall."""
+def timed(fns: dict, params: dict, warmup: int, budget_s: float, min_reps: int, max_reps: int,
+          sync=lambda: None):
+    """Interleave the callables rep by rep (rotating order): median wall, median CPU, min wall.
+
+    sync() runs before the clock starts and before it stops (CUDA: torch.cuda.synchronize,
+    so a rep's wall time covers its kernels, not just their launch)."""
     names, wall, cpu = list(fns), {n: [] for n in fns}, {n: [] for n in fns}
     reps, r = warmup + min_reps, 0
     gc.disable()
@@ -98,8 +114,10 @@ def timed(fns: dict, params: dict, warmup: int, budget_s: float, min_reps: int, 
                 for p in params[name]:
                     p.grad = None
                 gc.collect()
+                sync()
                 t0, c0 = time.perf_counter(), time.process_time()
                 fns[name]()
+                sync()
                 if r >= warmup:
                     wall[name].append(time.perf_counter() - t0)
                     cpu[name].append(time.process_time() - c0)
@@ -114,18 +132,49 @@ def timed(fns: dict, params: dict, warmup: int, budget_s: float, min_reps: int, 
             {n: min(v) for n, v in wall.items()}, reps - warmup)
 
 
-def peak_bytes(fn, params) -> int:
-    """High-water mark of live CPU tensor bytes during fn(), its params' grads cleared first."""
+def peak_bytes(fn, params, device: torch.device) -> int:
+    """High-water mark of live tensor bytes during fn() above the level at its start, its
+    params' grads cleared first: CPU from the profiler's allocation records, CUDA from
+    torch.cuda.max_memory_allocated."""
     for p in params:
         p.grad = None
-    return peak_live_bytes(fn)
+    if device.type != "cuda":
+        return peak_live_bytes(fn)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def probe_peers(fns: dict, params: dict, device: torch.device) -> dict:
+    """Off the CPU (where every peer is known to run), one untimed call of each peer and
+    limit formulation; one that raises is dropped from the case with its error in the JSON
+    line (e.g. a torch._grouped_mm the device's kernels do not take). dmoe must run."""
+    errors = {}
+    if device.type == "cpu":
+        return errors
+    for name in [n for n in fns if not n.startswith("dmoe")]:
+        for p in params[name]:
+            p.grad = None
+        try:
+            fns[name]()
+        except Exception as e:  # noqa: BLE001  (a peer's failure is data, not fatal)
+            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            print(f"{name}: dropped from this case ({errors[name]})", file=sys.stderr)
+            del fns[name], params[name]
+    if "limit_linear" not in fns and "limit_grouped" not in fns:
+        raise RuntimeError(f"no limit formulation ran on {device}: {errors}")
+    return errors
 
 
 def run_case(args, case: Case, seed=0):
     tokens, experts, k, cf = case.tokens, case.experts, case.k, parse_cf(case.cf)
     torch.manual_seed(seed)
     dtype = DTYPES[args.expert_dtype]
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator().manual_seed(seed + 1)  # CPU: the same values on every device
+    dev = torch.device(args.device)
     layers = {}
     shared = ds_shared = None
     for impl in args.impls:
@@ -135,15 +184,15 @@ def run_case(args, case: Case, seed=0):
         if case.shared_ff:
             shared, ds_shared = build_shared(case.shared_ff, args.activation)  # same seed: same weights
             layer = WithShared(layer, shared)
-        layers[f"dmoe_{impl}" if len(args.impls) > 1 else "dmoe"] = layer
+        layers[f"dmoe_{impl}" if len(args.impls) > 1 else "dmoe"] = layer.to(dev)
     first = next(iter(layers.values()))
     first_moe = first.moe if case.shared_ff else first
-    x = torch.randn(1, tokens, D_MODEL, generator=gen).requires_grad_()
-    grad = torch.randn(1, tokens, D_MODEL, generator=gen)
+    x = torch.randn(1, tokens, D_MODEL, generator=gen).to(dev).requires_grad_()
+    grad = torch.randn(1, tokens, D_MODEL, generator=gen).to(dev)
 
     _, stats = first(x)
     kept = stats.kept_E.tolist()
-    limit = Limit(first_moe, kept, args.activation, dtype, gen, shared, tokens)
+    limit = Limit(first_moe, kept, args.activation, dtype, gen, shared, tokens, dev)
     fns, params = {}, {}
     for name, layer in layers.items():
         fns[name] = lambda layer=layer: layer_step(layer, x, grad, False)
@@ -154,19 +203,37 @@ def run_case(args, case: Case, seed=0):
         ds = build_deepspeed(first_moe, k, cf, args.activation, dtype)
         if case.shared_ff:
             ds = WithShared(ds, ds_shared)
+        ds = ds.to(dev)
         fns["deepspeed"] = lambda: layer_step(ds, x, grad, True)
         params["deepspeed"] = [x, *ds.parameters()]
+    titan = None
+    # its experts are given dmoe's GELU MLP in fp32 only (see moe_common.build_torchtitan)
+    if (not args.no_torchtitan and not case.shared_ff and args.activation == "gelu"
+            and args.expert_dtype == "float32"):
+        titan = build_torchtitan(first_moe, k)
+    if titan is not None:
+        fns["torchtitan"] = lambda: layer_step(titan, x, grad, "titan")
+        params["torchtitan"] = [x, *titan.parameters()]
     fns["limit_linear"], params["limit_linear"] = limit.linear_loop, limit.params()
     fns["limit_grouped"], params["limit_grouped"] = limit.grouped, limit.params()
 
-    wall, cpu, fastest, reps = timed(fns, params, args.warmup, args.budget, args.min_reps, args.max_reps)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    errors = probe_peers(fns, params, dev)
+    if "deepspeed" in errors:
+        ds = None
+    if "torchtitan" in errors:
+        titan = None
+    limits = [n for n in ("limit_linear", "limit_grouped") if n in fns]
+    wall, cpu, fastest, reps = timed(fns, params, args.warmup, args.budget, args.min_reps,
+                                     args.max_reps, sync)
     row = dict(tokens=tokens, experts=experts, k=k, cf=cf if cf is not None else "dropless",
                d_ff=case.d_ff, shared_ff=case.shared_ff,
                activation=args.activation, expert_dtype=args.expert_dtype, reps=reps,
                kept_rows=sum(kept), routed_rows=tokens * k, capacity=stats.capacity,
-               threads=torch.get_num_threads(),
+               threads=torch.get_num_threads(), device=str(dev),
                malloc="caching" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "system")
-    limit_name = min(("limit_linear", "limit_grouped"), key=wall.get)
+    row.update({f"{name}_error": text for name, text in errors.items()})
+    limit_name = min(limits, key=wall.get)
     row["dmoe_impls"] = [(lay.moe if case.shared_ff else lay).experts.resolve_impl(limit.x, kept)
                          for lay in layers.values()]
     if not args.no_deepspeed:
@@ -178,7 +245,7 @@ def run_case(args, case: Case, seed=0):
             row.update(deepspeed_ms=None, deepspeed_cpu_ms=None, deepspeed_min_ms=None,
                        deepspeed_tok_s=None, ds_max_abs_diff=None)
     row["limit_ms"], row["limit_formulation"] = 1e3 * wall[limit_name], limit_name[6:]
-    row["limit_cpu_ms"] = 1e3 * min(cpu["limit_linear"], cpu["limit_grouped"])
+    row["limit_cpu_ms"] = 1e3 * min(cpu[n] for n in limits)
     for name in fns:
         if name.startswith("limit"):
             row[f"{name}_ms"] = 1e3 * wall[name]
@@ -187,22 +254,30 @@ def run_case(args, case: Case, seed=0):
         row[f"{name}_min_ms"] = 1e3 * fastest[name]
         row[f"{name}_tok_s"] = tokens / wall[name]
         if not args.no_memory:
-            row[f"{name}_peak_mib"] = peak_bytes(fns[name], params[name]) / 2**20
+            row[f"{name}_peak_mib"] = peak_bytes(fns[name], params[name], dev) / 2**20
         if name.startswith("dmoe"):
             row[f"{name}_overhead"] = wall[name] / wall[limit_name]
-            row[f"{name}_overhead_cpu"] = cpu[name] / min(cpu["limit_linear"], cpu["limit_grouped"])
-            row[f"{name}_overhead_min"] = fastest[name] / min(fastest["limit_linear"], fastest["limit_grouped"])
+            row[f"{name}_overhead_cpu"] = cpu[name] / min(cpu[n] for n in limits)
+            row[f"{name}_overhead_min"] = fastest[name] / min(fastest[n] for n in limits)
+            if titan is not None:
+                row[f"{name}_speedup_vs_titan"] = wall["torchtitan"] / wall[name]
+                row[f"{name}_speedup_vs_titan_min"] = fastest["torchtitan"] / fastest[name]
+                row[f"{name}_speedup_vs_titan_cpu"] = cpu["torchtitan"] / cpu[name]
             if ds is not None:
                 row[f"{name}_speedup_vs_ds"] = wall["deepspeed"] / wall[name]
+                row[f"{name}_speedup_vs_ds_cpu"] = cpu["deepspeed"] / cpu[name]
             elif not args.no_deepspeed:
                 row[f"{name}_speedup_vs_ds"] = None
     if not args.no_memory:
-        row["limit_peak_mib"] = peak_bytes(fns[limit_name], params[limit_name]) / 2**20
+        row["limit_peak_mib"] = peak_bytes(fns[limit_name], params[limit_name], dev) / 2**20
         if ds is None and not args.no_deepspeed:
             row["deepspeed_peak_mib"] = None
     if ds is not None:
         with torch.no_grad():  # same routing and weights: dropless outputs must agree
             row["ds_max_abs_diff"] = (first(x)[0] - ds(x)[0]).abs().max().item()
+    if titan is not None:
+        with torch.no_grad():  # same routing and weights; torchtitan never drops
+            row["titan_max_abs_diff"] = (first(x)[0] - titan(x)).abs().max().item()
     return row
 
 
@@ -243,10 +318,13 @@ def print_table(rows, impls, file=sys.stderr):
     # expert ffn and shared-expert columns only where a row leaves the grid's (old runs print as before)
     ffn = any(r.get("d_ff", D_FF) != D_FF or r.get("shared_ff") for r in rows)
     head = ["T", "E", "k", "cf"] + (["ffn", "shared"] if ffn else []) + ["rows"]
-    head += [f"{n} ms" for n in dm] + ["DS ms", "limit ms"]
-    head += [f"{n} tok/s" for n in dm] + [f"{n}/DS" for n in dm] + [f"{n}/limit" for n in dm]
-    head += [f"{n}/limit (min)" for n in dm]
-    head += [f"{n} MiB" for n in dm] + ["DS MiB", "limit MiB"]
+    titan = any("torchtitan_ms" in r for r in rows)  # runs before it had none: as before
+    tt = ["TT ms"] if titan else []
+    head += [f"{n} ms" for n in dm] + ["DS ms"] + tt + ["limit ms"]
+    head += [f"{n} tok/s" for n in dm] + [f"{n}/DS" for n in dm]
+    head += [f"{n}/TT" for n in dm] + [f"{n}/TT (min)" for n in dm] if titan else []
+    head += [f"{n}/limit" for n in dm] + [f"{n}/limit (min)" for n in dm]
+    head += [f"{n} MiB" for n in dm] + ["DS MiB"] + (["TT MiB"] if titan else []) + ["limit MiB"]
     lines, notes = [head], {}
     for r in rows:
         def get(key, fmt="{:.0f}"):
@@ -259,12 +337,18 @@ def print_table(rows, impls, file=sys.stderr):
         line += [str(r["kept_rows"])]
         if r.get("deepspeed_note"):
             notes.setdefault(r["deepspeed_note"], []).append(f"E={r['experts']} k={r['k']} cf={r['cf']}")
-        line += [get(f"{n}_ms") for n in dm] + [get("deepspeed_ms"), get("limit_ms")]
-        line += [get(f"{n}_tok_s") for n in dm]
+        line += [get(f"{n}_ms") for n in dm] + [get("deepspeed_ms")]
+        line += [get("torchtitan_ms")] if titan else []
+        line += [get("limit_ms")] + [get(f"{n}_tok_s") for n in dm]
         line += [get(f"{n}_speedup_vs_ds", "{:.2f}x") for n in dm]
+        if titan:
+            line += [get(f"{n}_speedup_vs_titan", "{:.2f}x") for n in dm]
+            line += [get(f"{n}_speedup_vs_titan_min", "{:.2f}x") for n in dm]
         line += [get(f"{n}_overhead", "{:.3f}") for n in dm]
         line += [get(f"{n}_overhead_min", "{:.3f}") for n in dm]
-        line += [get(f"{n}_peak_mib") for n in dm] + [get("deepspeed_peak_mib"), get("limit_peak_mib")]
+        line += [get(f"{n}_peak_mib") for n in dm] + [get("deepspeed_peak_mib")]
+        line += [get("torchtitan_peak_mib")] if titan else []
+        line += [get("limit_peak_mib")]
         lines.append(line)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
@@ -299,6 +383,11 @@ def main(argv=None):
     p.add_argument("--max-reps", type=int, default=15)
     p.add_argument("--budget", type=float, default=8.0, help="seconds of timing per case")
     p.add_argument("--no-deepspeed", action="store_true")
+    p.add_argument("--no-torchtitan", action="store_true",
+                   help="skip the torchtitan peer (bench/install_peers.sh installs it)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda[:i]: layers, inputs and limit on that device; "
+                        "CUDA timing synchronizes around each rep, memory from max_memory_allocated")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of dmoe's step")
     p.add_argument("--table", metavar="JSONL", help="only print the table of a saved run")
@@ -327,10 +416,14 @@ def main(argv=None):
     if not args.system_malloc and os.environ.get("MALLOC_MMAP_MAX_") != "0":
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **CACHING_MALLOC})
     args.impls = args.impls.split(",")
+    if args.ep > 1 and args.device != "cpu":
+        p.error(f"--ep {args.ep} runs gloo ranks on the CPU; --device ({args.device}) must be cpu")
     if args.ep > 1 and (args.impls != ["auto"] or args.no_deepspeed or args.profile or args.shared):
         p.error("--ep > 1 runs dmoe (impl auto), DeepSpeed, the limit and the all-to-all alone, "
                 "without a shared expert")
     torch.set_num_threads(1)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device ({args.device}): torch.cuda.is_available() is False")
     if args.profile:
         return profile_case(args)
     if args.quick:
@@ -345,7 +438,7 @@ def main(argv=None):
             p.error("--ep > 1: this DeepSpeed has no gating for some k (top-1/top-2 only)")
         return moe_layer_ep.print_table(moe_layer_ep.run(args, cases))
     if not args.no_deepspeed:
-        init_deepspeed()
+        init_deepspeed("nccl" if args.device.startswith("cuda") else "gloo")
     rows = []
     for case in cases:
         rows.append(run_case(args, case))

@@ -12,6 +12,13 @@ rank builds the same full layer (same seed), then
                the faster (by median, per rank) of moe_layer.py's two formulations
     a2a        dmoe's four row all-to-alls alone (dispatch + combine, and their backward
                twins) with this case's splits: what the exchange costs on gloo
+    dmoe_c<c>  dmoe with parallel.a2a_chunks = c (DMOE_A2A_CHUNKS, default "2,4"): the
+               rows cut into c chunks whose async all-to-alls overlap the experts
+    traced     dmoe again under a CommRecorder(measure_wait=True), not timed itself: per
+               rep the time spent waiting for the slowest rank (a timed 1-element
+               all-reduce before each exchange) and in the exchanges themselves
+    reorder    the regrouping of the received rows by local expert and back, with their
+               backward scatters, on this case's rows alone
 Each rank feeds its own T tokens (different inputs per rank). The callables run
 interleaved rep by rep (same rotated order on every rank), each after a barrier, so both
 ranks start a step together; a step ends when the slowest rank does, so the table gives
@@ -33,9 +40,12 @@ import moe_common as bench
 import torch
 import torch.distributed as dist
 
+from dmoe.parallel import comm_trace
+from dmoe.parallel.comm_trace import CommRecorder
 from dmoe.parallel.expert_parallel.apply import shard_moe_layer
 
-NAMES = ("dmoe", "deepspeed", "limit", "a2a")  # limit: the faster of limit_linear, limit_grouped
+NAMES = ("dmoe", "deepspeed", "limit", "a2a", "reorder")  # limit: the faster of limit_linear, limit_grouped
+CHUNKS = [int(c) for c in os.environ.get("DMOE_A2A_CHUNKS", "2,4").split(",") if c]
 
 
 def _deepspeed_env(rank: int, world: int) -> None:
@@ -59,6 +69,35 @@ def _a2a_rows(send_splits, recv_splits, gen):
         for _ in range(2):  # forward pair, then the backward pair
             dist.all_to_all_single(x_recv, x_send, recv_splits, send_splits)
             dist.all_to_all_single(x_send, x_recv, send_splits, recv_splits)
+    return run
+
+
+def _reorder_rows(layer, x, training=True):
+    """The regroup by local expert (dispatch) and back (combine), and their backward
+    scatters, on the rows this rank receives: the reordering the EP path adds."""
+    x_TD = x.detach().reshape(-1, x.shape[-1])
+    with torch.no_grad():
+        x_ND, meta = layer.dispatcher.dispatch(x_TD, layer.router(x_TD), training)
+    x_recv, sort_N, unsort_N = x_ND.index_select(0, meta.unsort_N), meta.sort_N, meta.unsort_N
+
+    def run():
+        a = x_recv.index_select(0, sort_N)
+        b = a.index_select(0, unsort_N)
+        g = torch.zeros_like(b).index_add_(0, unsort_N, b)
+        torch.zeros_like(a).index_add_(0, sort_N, g)
+    return run
+
+
+def _traced(layer, x, grad, out):
+    """One dmoe step under a recorder that times waiting apart from transfer."""
+    def run():
+        rec = CommRecorder(measure_wait=True)
+        with comm_trace.recording(rec):
+            rec.start_step(0)
+            bench.layer_step(layer, x, grad, False)
+            events = rec.end_step()
+        out["wait"].append(sum(e.seconds for e in events if e.op == "barrier"))
+        out["transfer"].append(sum(e.seconds for e in events if e.op == "all_to_all"))
     return run
 
 
@@ -97,6 +136,11 @@ def _case(rank, world, args, tokens, experts, k, cf, d_ff, seed=0):
     num_local = experts // world
     ds = bench.build_deepspeed(layer, k, cf, args.activation, dtype, ep_size=world,
                                first_expert=rank * num_local)
+    chunked = {}
+    for c in CHUNKS:  # the same weights (same seed), exchanges overlapped in c chunks
+        torch.manual_seed(seed)
+        chunked[c] = shard_moe_layer(
+            bench.build_dmoe(experts, k, cf, d_ff, args.activation, args.expert_dtype), chunks=c)
     shard_moe_layer(layer)
     gen = torch.Generator().manual_seed(seed + 1 + rank)  # each rank its own tokens
     x = torch.randn(1, tokens, bench.D_MODEL, generator=gen).requires_grad_()
@@ -112,35 +156,49 @@ def _case(rank, world, args, tokens, experts, k, cf, d_ff, seed=0):
     recv = torch.empty_like(sent)
     dist.all_to_all_single(recv, sent)
     limit = bench.Limit(layer, counts, args.activation, dtype, gen)
+    trace = {"wait": [], "transfer": []}
     fns = {"dmoe": lambda: bench.layer_step(layer, x, grad, False),
            "deepspeed": lambda: bench.layer_step(ds, x, grad, True),
            "limit_linear": limit.linear_loop, "limit_grouped": limit.grouped,
-           "a2a": _a2a_rows(sent.tolist(), recv.tolist(), gen)}
+           "a2a": _a2a_rows(sent.tolist(), recv.tolist(), gen),
+           "reorder": _reorder_rows(layer, x), "traced": _traced(layer, x, grad, trace),
+           **{f"dmoe_c{c}": (lambda m=m: bench.layer_step(m, x, grad, False)) for c, m in chunked.items()}}
     params = {"dmoe": [x, *layer.parameters()], "deepspeed": [x, *ds.parameters()],
-              "limit_linear": limit.params(), "limit_grouped": limit.params(), "a2a": []}
+              "limit_linear": limit.params(), "limit_grouped": limit.params(), "a2a": [],
+              "reorder": [], "traced": [x, *layer.parameters()],
+              **{f"dmoe_c{c}": [x, *m.parameters()] for c, m in chunked.items()}}
     wall = _timed_ep(fns, params, args)
+    wall.pop("traced")
+    chunk_names = [f"dmoe_c{c}" for c in CHUNKS]
     limit_name = min(("limit_linear", "limit_grouped"), key=lambda n: statistics.median(wall[n]))
     wall["limit"] = wall.pop(limit_name)
     mine = dict(rank=rank, rows=sum(counts), sent=sent.tolist(), ds_max_abs_diff=diff,
                 limit_formulation=limit_name[6:],
                 capacity=stats.capacity, dmoe_impl=layer.experts.resolve_impl(limit.x, counts),
-                **{f"{n}_ms": 1e3 * statistics.median(wall[n]) for n in NAMES},
-                **{f"{n}_min_ms": 1e3 * min(wall[n]) for n in NAMES})
+                **{f"{n}_ms": 1e3 * statistics.median(wall[n]) for n in (*NAMES, *chunk_names)},
+                **{f"{n}_min_ms": 1e3 * min(wall[n]) for n in (*NAMES, *chunk_names)},
+                **{f"{n}_ms": 1e3 * statistics.median(v[args.warmup:] or v) for n, v in trace.items()})
     ranks = [None] * world
     dist.all_gather_object(ranks, mine)
-    row = dict(tokens=tokens, experts=experts, k=k, cf="dropless" if cf is None else cf, ep=world,
-               d_ff=d_ff,
-               activation=args.activation, expert_dtype=args.expert_dtype, reps=len(wall["dmoe"]),
-               threads=torch.get_num_threads(),
-               malloc="caching" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "system",
-               rows=[m["rows"] for m in ranks], dmoe_impls=[m["dmoe_impl"] for m in ranks],
-               ds_max_abs_diff=max(m["ds_max_abs_diff"] for m in ranks), per_rank=ranks)
-    for n in NAMES:  # a step ends when the slowest rank does
+    row = {"tokens": tokens, "experts": experts, "k": k, "cf": "dropless" if cf is None else cf,
+           "ep": world, "d_ff": d_ff, "activation": args.activation, "expert_dtype": args.expert_dtype,
+           "reps": len(wall["dmoe"]), "threads": torch.get_num_threads(),
+           "malloc": "caching" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "system",
+           "rows": [m["rows"] for m in ranks], "dmoe_impls": [m["dmoe_impl"] for m in ranks],
+           "ds_max_abs_diff": max(m["ds_max_abs_diff"] for m in ranks), "per_rank": ranks}
+    for n in (*NAMES, *chunk_names):  # a step ends when the slowest rank does
         row[f"{n}_ms"] = max(m[f"{n}_ms"] for m in ranks)
         row[f"{n}_min_ms"] = max(m[f"{n}_min_ms"] for m in ranks)
+    # waiting happens on the faster rank(s): the largest wait is the imbalance; transfer
+    # as the slowest rank saw it
+    row["wait_ms"] = max(m["wait_ms"] for m in ranks)
+    row["transfer_ms"] = max(m["transfer_ms"] for m in ranks)
     row["dmoe_speedup_vs_ds"] = row["deepspeed_ms"] / row["dmoe_ms"]
     row["dmoe_overhead"] = row["dmoe_ms"] / row["limit_ms"]
     row["dmoe_overhead_min"] = row["dmoe_min_ms"] / row["limit_min_ms"]
+    for n in chunk_names:
+        row[f"{n}_overhead"] = row[f"{n}_ms"] / row["limit_ms"]
+        row[f"{n}_overhead_min"] = row[f"{n}_min_ms"] / row["limit_min_ms"]
     return row
 
 
@@ -167,17 +225,23 @@ def run(args, cases):
 
 def print_table(rows, file=sys.stderr):
     ffn = any(r.get("d_ff", bench.D_FF) != bench.D_FF for r in rows)  # column only off the grid's
-    head = ["T/rank", "E", "k", "cf"] + (["ffn"] if ffn else []) + [
-        "rows r0/r1", "dmoe ms", "DS ms", "limit ms", "a2a ms", "dmoe/DS", "dmoe/limit",
-        "dmoe/limit (min)"]
+    chunk_names = sorted({k[:-len("_overhead")] for r in rows for k in r
+                          if k.startswith("dmoe_c") and k.endswith("_overhead")})
+    extra = [n for n in ("reorder", "wait", "transfer") if all(f"{n}_ms" in r for r in rows)]
+    head = ["EP", "T/rank", "E", "k", "cf"] + (["ffn"] if ffn else []) + [
+        "rows per rank", "dmoe ms", "DS ms", "limit ms", "a2a ms"] + [f"{n} ms" for n in extra] + [
+        "dmoe/DS", "dmoe/limit", "dmoe/limit (min)"] + [
+        f"{n[5:]}/limit (min)" for n in chunk_names if all(f"{n}_overhead" in r for r in rows)]
     lines = [head]
     for r in rows:
-        lines.append([str(r["tokens"]), str(r["experts"]), str(r["k"]), str(r["cf"])]
+        lines.append([str(r.get("ep", 2)), str(r["tokens"]), str(r["experts"]), str(r["k"]), str(r["cf"])]
                      + ([str(r.get("d_ff", bench.D_FF))] if ffn else [])
                      + ["/".join(map(str, r["rows"]))]
-                     + [f"{r[f'{n}_ms']:.0f}" for n in NAMES]
+                     + [f"{r[f'{n}_ms']:.0f}" for n in ("dmoe", "deepspeed", "limit", "a2a", *extra)]
                      + [f"{r['dmoe_speedup_vs_ds']:.2f}x", f"{r['dmoe_overhead']:.3f}",
-                        f"{r['dmoe_overhead_min']:.3f}"])
+                        f"{r['dmoe_overhead_min']:.3f}"]
+                     + [f"{r[f'{n}_overhead']:.3f} ({r[f'{n}_overhead_min']:.3f})"
+                        for n in chunk_names if all(f"{n}_overhead" in q for q in rows)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
         print("  ".join(c.rjust(w) for c, w in zip(line, widths)), file=file)

@@ -1,14 +1,17 @@
 """Run configuration: dataclasses are the schema, YAML holds values, CLI overrides win.
 
     cfg = load_config("configs/default.yaml", ["--moe.capacity_factor=1.5"])
+    cfg = load_config("mixtral-tiny")          # a packaged config (dmoe/configs/), by name
 
-Every error is one line naming the dotted field and the offending value(s): unknown keys
-list the valid ones, wrong types name the expected type, impossible combinations name
-both fields.
+Each field carries its one-line description (doc() / choice() metadata): `dmoe train --help`
+prints them (dmoe.tools.config_show). Every error is one line naming the dotted field and
+the offending value(s): unknown keys name the closest valid one and list the valid ones,
+wrong types name the expected type, impossible combinations name both fields.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -24,129 +27,172 @@ class ConfigError(ValueError):
     """A bad config value; str(err) is the one line shown to the user."""
 
 
-def choice(default, options):
-    return field(default=default, metadata={"choices": tuple(options)})
+def doc(default, help: str):
+    """A config field with its one-line description (`dmoe train --help` prints it)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def choice(default, options, help: str = ""):
+    """A field that takes one of `options`."""
+    return field(default=default, metadata={"choices": tuple(options), "help": help})
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 256  # set from the tokenizer when 0
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    seq_len: int = 128
-    ffn_dim: int = 512  # dense MLP hidden size
-    positions: str = choice("rotary", ["rotary", "learned"])
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    norm: str = choice("layernorm", ["layernorm", "rmsnorm"])
-    norm_eps: float = 1e-5
-    n_kv_heads: int = 0  # grouped-query attention: key/value heads; 0: n_heads (MHA)
-    head_dim: int = 0  # per attention head; 0: d_model / n_heads (Qwen3 may set it apart)
-    bias: bool = False  # biases on the attention output and dense MLP linears (and qkv)
-    qkv_bias: bool = False  # a bias on the qkv projection alone (Qwen2)
-    qk_norm: bool = False  # RMSNorm on each query and key head (Qwen3)
-    rope_theta: float = 10000.0
-    mlp_activation: str = choice("gelu", ["gelu", "swiglu"])  # the dense MLP's
+    """The transformer's shape and architecture options."""
+
+    vocab_size: int = doc(256, "vocabulary size; 0: the tokenizer's")
+    d_model: int = doc(128, "model (residual stream) width")
+    n_layers: int = doc(4, "transformer blocks")
+    n_heads: int = doc(4, "attention query heads")
+    seq_len: int = doc(128, "tokens per training sequence (the context length)")
+    ffn_dim: int = doc(512, "dense MLP hidden size")
+    positions: str = choice("rotary", ["rotary", "learned"], "position encoding")
+    dropout: float = doc(0.0, "dropout after attention and FFN (and in attention)")
+    tie_embeddings: bool = doc(True, "the LM head shares the token embedding's weights")
+    norm: str = choice("layernorm", ["layernorm", "rmsnorm"], "normalisation layers")
+    norm_eps: float = doc(1e-5, "epsilon of every norm")
+    n_kv_heads: int = doc(0, "grouped-query attention: key/value heads; 0: n_heads (MHA)")
+    head_dim: int = doc(0, "per attention head; 0: d_model / n_heads (Qwen3 may set it apart)")
+    bias: bool = doc(False, "biases on the attention output and dense MLP linears (and qkv)")
+    qkv_bias: bool = doc(False, "a bias on the qkv projection alone (Qwen2)")
+    qk_norm: bool = doc(False, "RMSNorm on each query and key head (Qwen3)")
+    rope_theta: float = doc(10000.0, "rotary base frequency")
+    mlp_activation: str = choice("gelu", ["gelu", "swiglu"], "the dense MLP's activation")
 
 
 @dataclass
 class MoEConfig:
-    num_experts: int = 8
-    top_k: int = 2
-    every: int = 2  # an MoE FFN in every `every`-th block (block i with (i+1) % every == 0)
-    expert_ffn_dim: int = 256
-    activation: str = choice("gelu", ["gelu", "swiglu"])
-    capacity_factor: typing.Optional[float] = 1.25  # null or 0: dropless
-    eval_capacity_factor: typing.Optional[float] = 2.0
-    min_capacity: int = 4
-    drop_policy: str = choice("position", ["position", "probability"])
-    router_jitter: float = 0.0
-    normalize_topk: bool = True
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.001
-    expert_dtype: str = choice("float32", ["float32", "bfloat16"])
-    # expert matmuls: auto (per device, dtype and rows; dmoe.moe.experts) | fused | loop | torch_grouped_mm
-    experts_impl: str = choice("auto", ["auto", "fused", "loop", "torch_grouped_mm"])
-    score_func: str = choice("softmax", ["softmax", "sigmoid"])  # sigmoid: DeepSeek-V3 scores
-    route_scale: float = 1.0  # multiplies the gates (after normalize_topk)
-    seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-wise balance loss weight
-    num_groups: int = 1  # group-limited routing: experts in contiguous groups; 1: off
-    topk_groups: int = 1  # groups a token may route into (num_groups > 1)
-    num_shared_experts: int = 0  # always-on experts beside the routed ones (dense params)
-    shared_expert_ffn_dim: int = 0  # per shared expert; 0: expert_ffn_dim
-    shared_expert_gate: bool = False  # scale the shared output by sigmoid(w . x) (Qwen2-MoE)
-    first_dense_layers: int = 0  # the first N blocks use the dense MLP (DeepSeek)
-    bias_update_rate: float = 0.0  # auxiliary-loss-free balancing (DeepSeek-V3); 0: off
+    """The MoE layers: experts, routing, capacity and balancing losses."""
+
+    num_experts: int = doc(8, "routed experts per MoE layer")
+    top_k: int = doc(2, "experts each token is routed to")
+    every: int = doc(2, "an MoE FFN in every `every`-th block (block i with (i+1) % every == 0)")
+    expert_ffn_dim: int = doc(256, "hidden size of each expert's MLP")
+    activation: str = choice("gelu", ["gelu", "swiglu"], "the experts' activation")
+    capacity_factor: typing.Optional[float] = doc(
+        1.25, "expert capacity in training, x the even share of tokens; null or 0: dropless")
+    eval_capacity_factor: typing.Optional[float] = doc(
+        2.0, "expert capacity in evaluation; null or 0: dropless")
+    min_capacity: int = doc(4, "the least rows an expert keeps per batch")
+    drop_policy: str = choice("position", ["position", "probability"],
+                              "which tokens an over-full expert drops: the latest, or the least likely")
+    router_jitter: float = doc(0.0, "multiplicative noise on router inputs in training (Switch)")
+    normalize_topk: bool = doc(True, "renormalise the top_k gates to sum to 1")
+    aux_loss_coef: float = doc(0.01, "load-balancing (Switch) loss weight")
+    z_loss_coef: float = doc(0.001, "router z-loss weight (ST-MoE)")
+    expert_dtype: str = choice("auto", ["auto", "float32", "bfloat16"],
+                               "the expert matmuls' dtype; auto: the run's compute dtype "
+                               "(bfloat16 under train.precision=bf16, else float32)")
+    experts_impl: str = choice("auto", ["auto", "fused", "loop", "torch_grouped_mm"],
+                               "expert matmuls: auto (per device, dtype and rows; dmoe.moe.experts)")
+    score_func: str = choice("softmax", ["softmax", "sigmoid"], "router scores (sigmoid: DeepSeek-V3)")
+    route_scale: float = doc(1.0, "multiplies the gates (after normalize_topk)")
+    seq_aux_loss_coef: float = doc(0.0, "DeepSeek-V3 sequence-wise balance loss weight")
+    num_groups: int = doc(1, "group-limited routing: experts in contiguous groups; 1: off")
+    topk_groups: int = doc(1, "groups a token may route into (num_groups > 1)")
+    num_shared_experts: int = doc(0, "always-on experts beside the routed ones (dense params)")
+    shared_expert_ffn_dim: int = doc(0, "per shared expert; 0: expert_ffn_dim")
+    shared_expert_gate: bool = doc(False, "scale the shared output by sigmoid(w . x) (Qwen2-MoE)")
+    first_dense_layers: int = doc(0, "the first N blocks use the dense MLP (DeepSeek)")
+    bias_update_rate: float = doc(0.0, "auxiliary-loss-free balancing (DeepSeek-V3); 0: off")
 
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    ep: int = 1
-    backend: str = choice("auto", ["auto", "gloo", "nccl"])
-    # EP all-to-all sends each token once per EP rank (with its experts' gates) instead of
-    # once per chosen expert: fewer bytes whenever a token picks two experts on one rank
-    a2a_dedup: bool = False
-    # dmoe's watchdog: a rank that makes no progress (no step, eval or save finished) for
-    # this many seconds writes one line naming the step and last collective and exits 4;
-    # 0: off
-    timeout_s: float = 300.0
+    """The rank layout (tp x ep x dp = world size) and communication options."""
+
+    tp: int = doc(1, "tensor-parallel degree")
+    ep: int = doc(1, "expert-parallel degree (divides moe.num_experts)")
+    backend: str = choice("auto", ["auto", "gloo", "nccl"], "process-group backend (auto: by device)")
+    a2a_dedup: bool = doc(
+        False, "EP all-to-all sends each token once per EP rank (with its experts' gates), not "
+        "once per chosen expert: fewer bytes whenever a token picks two experts on one rank")
+    a2a_chunks: int = doc(
+        1, "EP rows cut into this many chunks whose all-to-alls overlap the experts' compute "
+        "(async, forward and backward); 1: one blocking exchange each way (bench/README.md)")
+    timeout_s: float = doc(
+        300.0, "dmoe's watchdog: a rank with no progress (no step, eval or save finished) for this "
+        "many seconds writes one line naming the step and last collective and exits 4; 0: off")
 
 
 @dataclass
 class DataConfig:
-    paths: list = field(default_factory=list)  # text files/dirs; empty: the built-in corpus
-    # the built-in corpus when paths is empty: "stdlib" (Python's source) or "multidomain"
-    # (code, reference prose, legal text, changelogs; dmoe.data.multidomain)
-    builtin: str = choice("stdlib", ["stdlib", "multidomain"])
-    domains: list = field(default_factory=list)  # multidomain: keep only these; empty: all
-    data_dir: str = "data"
-    tokenizer: str = choice("byte", ["byte", "bpe"])
-    bpe_vocab_size: int = 2048
-    val_fraction: float = 0.05
-    max_corpus_mb: float = 16.0
-    sampler: str = choice("random", ["random", "epoch"])  # epoch: each window once per epoch
+    """The training text, its tokenizer and where the token files go."""
+
+    paths: list = doc([], "text files/dirs; empty: the built-in corpus")
+    builtin: str = choice(
+        "stdlib", ["stdlib", "multidomain"],
+        "the built-in corpus when paths is empty: Python's source, or code, reference prose, "
+        "legal text and changelogs (dmoe.data.multidomain)")
+    domains: list = doc([], "multidomain: keep only these; empty: all")
+    data_dir: str = doc("data", "where the token files go (relative: to the working directory)")
+    tokenizer: str = choice("byte", ["byte", "bpe"], "byte-level, or a BPE trained on the corpus")
+    bpe_vocab_size: int = doc(2048, "the BPE tokenizer's vocabulary size")
+    val_fraction: float = doc(0.05, "share of the corpus held out for validation")
+    max_corpus_mb: float = doc(16.0, "the most text read, in MB")
+    sampler: str = choice("random", ["random", "epoch"],
+                          "training windows: random, or each window once per epoch")
 
 
 @dataclass
 class TrainConfig:
-    engine: str = choice("auto", ["auto", "torch", "deepspeed"])
-    steps: int = 400
-    micro_batch_size: int = 16  # sequences per rank per micro step
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    zero_stage: int = 1
-    seed: int = 1234
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 8
-    run_dir: str = "runs/default"
-    precision: str = choice("fp32", ["fp32", "bf16"])
-    threads: int = 0  # torch threads per rank; 0: cores / local ranks
-    save_every: int = 0  # checkpoint every N steps (and at the last step); 0: off
-    resume: str = ""  # "": fresh start; "auto": latest checkpoint in run_dir; or a path
-    keep_last: int = 3  # complete checkpoints kept; 0: keep all
-    # a fresh start (resume "") in a run_dir that holds checkpoints is refused unless true:
-    # then the old checkpoints/ is moved aside (checkpoints.replaced-<time>/)
-    overwrite: bool = False
-    # a non-finite loss or gradient norm (all ranks agree): stop (one line, exit 3, nothing
-    # of that state saved) or skip the optimizer step, at most max_skipped_steps times
-    nonfinite: str = choice("stop", ["stop", "skip"])
-    max_skipped_steps: int = 10
-    # SIGTERM / SIGINT (ranks agree at the step boundary): true: finish the step, save a
-    # checkpoint, exit 0; false: stop there with one line, exit 128 + the signal number
-    save_on_signal: bool = False
-    # resuming a checkpoint whose saved config differs in an architecture key (model.n_heads,
-    # moe.num_experts, ...: dmoe.checkpoint.load.ARCHITECTURE_KEYS) is refused unless true
-    allow_arch_change: bool = False
-    # recompute in backward instead of keeping activations: each transformer block, or only
-    # the expert MLPs (their dispatch and all-to-all run once)
-    activation_checkpointing: str = choice("none", ["none", "block", "experts"])
+    """The training loop: engine, optimisation, evaluation, checkpoints and metrics."""
+
+    engine: str = choice("auto", ["auto", "torch", "deepspeed"],
+                         "auto: deepspeed under the deepspeed launcher, else torch")
+    steps: int = doc(400, "optimizer steps")
+    micro_batch_size: int = doc(16, "sequences per rank per micro step")
+    grad_accum: int = doc(1, "micro steps per optimizer step")
+    lr: float = doc(3e-3, "peak learning rate (AdamW)")
+    min_lr: float = doc(3e-4, "learning rate at the end of the schedule")
+    warmup_steps: int = doc(30, "linear warm-up steps")
+    weight_decay: float = doc(0.1, "AdamW weight decay")
+    grad_clip: float = doc(1.0, "clip the global gradient norm to this")
+    zero_stage: int = doc(1, "DeepSpeed ZeRO stage (0, 1 or 2)")
+    seed: int = doc(1234, "random seed (model init, data order)")
+    log_every: int = doc(10, "steps between train metric lines")
+    eval_every: int = doc(100, "steps between evaluations")
+    eval_batches: int = doc(8, "validation batches per evaluation")
+    run_dir: str = doc("runs/default", "checkpoints, metrics and the resolved config "
+                       "(relative: to the working directory)")
+    precision: str = choice("auto", ["auto", "fp32", "bf16"],
+                            "bf16: autocast, fp32 master weights; auto: bf16 on a GPU that has it, "
+                            "else fp32 (TF32 matmuls on CUDA); chosen and logged at start")
+    threads: int = doc(0, "torch threads per rank; 0: cores / local ranks")
+    save_every: int = doc(0, "checkpoint every N steps (and at the last step); 0: off")
+    resume: str = doc("", "\"\": fresh start; \"auto\": latest checkpoint in run_dir; or a path")
+    keep_last: int = doc(3, "complete checkpoints kept; 0: keep all")
+    overwrite: bool = doc(
+        False, "a fresh start (resume \"\") in a run_dir that holds checkpoints is refused unless "
+        "true: then the old checkpoints/ is moved aside (checkpoints.replaced-<time>/)")
+    nonfinite: str = choice(
+        "stop", ["stop", "skip"],
+        "a non-finite loss or gradient norm (all ranks agree): stop (one line, exit 3, nothing of "
+        "that state saved) or skip the optimizer step, at most max_skipped_steps times")
+    max_skipped_steps: int = doc(10, "train.nonfinite=skip: the most steps skipped")
+    save_on_signal: bool = doc(
+        False, "SIGTERM / SIGINT (ranks agree at the step boundary): true: finish the step, save "
+        "a checkpoint, exit 0; false: stop there with one line, exit 128 + the signal number")
+    allow_arch_change: bool = doc(
+        False, "resuming a checkpoint whose saved config differs in an architecture key "
+        "(model.n_heads, moe.num_experts, ...: dmoe.checkpoint.load.ARCHITECTURE_KEYS) is "
+        "refused unless true")
+    activation_checkpointing: str = choice(
+        "none", ["none", "block", "experts"],
+        "recompute in backward instead of keeping activations: each transformer block, or only "
+        "the expert MLPs (their dispatch and all-to-all run once)")
+    peak_tflops: float = doc(
+        0.0, "MFU's denominator, one rank's peak TFLOP/s (e.g. 989 for an H100's dense bf16); "
+        "0: a short fp32 matmul measured at start (logged once)")
+    dead_expert_steps: int = doc(
+        100, "warn (once per expert until it revives) when an expert receives no tokens for this "
+        "many steps in a row; the metrics count such experts per layer; 0: off")
+    wandb_project: str = doc(
+        "", "Weights & Biases project to log to beside TensorBoard (rank 0; needs `pip install "
+        "wandb`); \"\": off")
 
 
 @dataclass
@@ -183,13 +229,27 @@ def _coerce(path: str, value, hint):
     return value
 
 
+def _did_you_mean(prefix: str, key: str, names) -> str:
+    """' (did you mean moe.capacity_factor?)': the closest key of this section, else the same
+    key in another section; '' when nothing is close."""
+    close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {prefix}{close[0]}?)"
+    if prefix:
+        for section in dataclasses.fields(Config):
+            if key in {f.name for f in dataclasses.fields(section.default_factory)}:
+                return f" (did you mean {section.name}.{key}?)"
+    return ""
+
+
 def _apply(obj, values: dict, prefix: str = ""):
     hints = typing.get_type_hints(type(obj))
     fields = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in values.items():
         path = f"{prefix}{key}"
         if key not in fields:
-            raise ConfigError(f"unknown config key {path!r}; valid keys: {', '.join(fields)}")
+            raise ConfigError(f"unknown config key {path!r}{_did_you_mean(prefix, key, fields)}; "
+                              f"valid keys: {', '.join(fields)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
@@ -235,6 +295,7 @@ def validate(cfg: Config) -> None:
         "moe.expert_ffn_dim": e.expert_ffn_dim, "train.steps": t.steps,
         "train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum,
         "parallel.tp": cfg.parallel.tp, "parallel.ep": cfg.parallel.ep,
+        "parallel.a2a_chunks": cfg.parallel.a2a_chunks,
     }
     for name in ("train.save_every", "train.keep_last"):
         value = getattr(t, name.split(".")[1])
@@ -261,6 +322,9 @@ def validate(cfg: Config) -> None:
     if not 1 <= e.top_k <= e.num_experts:
         raise ConfigError(f"moe.top_k ({e.top_k}) must be in [1, moe.num_experts ({e.num_experts})]")
     _validate_routing(e)
+    if cfg.parallel.a2a_chunks > 1 and cfg.parallel.a2a_dedup:
+        raise ConfigError(f"parallel.a2a_chunks ({cfg.parallel.a2a_chunks}) > 1 needs "
+                          f"parallel.a2a_dedup false (the dedup dispatcher does not chunk)")
     if e.num_experts % cfg.parallel.ep:
         raise ConfigError(
             f"moe.num_experts ({e.num_experts}) must be divisible by parallel.ep ({cfg.parallel.ep})"
@@ -290,6 +354,7 @@ RANGES = {
     "train.log_every": (1, None, True), "train.eval_every": (1, None, True),
     "train.eval_batches": (1, None, True), "train.threads": (0, None, True),
     "train.max_skipped_steps": (0, None, True), "parallel.timeout_s": (0, None, True),
+    "train.peak_tflops": (0, None, True), "train.dead_expert_steps": (0, None, True),
 }
 
 
@@ -373,9 +438,35 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = "default"  # dmoe/configs/default.yaml, whatever the working directory
+
+
+def presets() -> list[str]:
+    """The configs that ship inside the package, by name (dmoe/configs/<name>.yaml)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def find_config(path: str | Path) -> Path:
+    """`path` when it names a file, else the packaged preset of that name (`default`,
+    `mixtral-tiny`, `configs/default.yaml` from any directory)."""
+    given = Path(path)
+    bare = len(given.parts) == 1 or given.parts[:-1] in (("configs",), ("configs", "experiments"))
+    if given.exists() or not bare or given.suffix not in ("", ".yaml"):
+        return given  # a path: read as it is (a missing one fails naming it)
+    for candidate in (PRESETS_DIR / f"{given.name}.yaml", PRESETS_DIR / given.name,
+                      PRESETS_DIR / given.relative_to("configs") if given.parts[:1] == ("configs",) else None):
+        if candidate is not None and candidate.is_file():
+            return candidate
+    raise ConfigError(f"config {str(path)!r} not found: no such file, and no packaged config of that "
+                      f"name ({', '.join(presets())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Config defaults <- the YAML file (a path, or a packaged preset's name) <- overrides."""
     cfg = Config()
     if path is not None:
+        path = find_config(path)
         try:
             with open(path) as f:  # the loader names the file in its errors
                 values = yaml.load(f, Loader=_UniqueKeyLoader) or {}

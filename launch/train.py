@@ -1,4 +1,5 @@
-"""Train a dmoe model. With no arguments: configs/default.yaml.
+"""Train a dmoe model (`dmoe train`). With no arguments: the packaged default config
+(dmoe/configs/default.yaml, the same from any directory).
 
     python launch/train.py                                   # one rank
     torchrun --nproc_per_node 2 launch/train.py              # plain torch engine, 2 ranks
@@ -6,6 +7,8 @@
     srun -N2 -n4 python launch/train.py                      # Slurm
     mpirun -np 4 python launch/train.py                      # MPI (ranks via mpi4py)
     ... --config configs/default.yaml --parallel.ep=2 --moe.capacity_factor=1.5
+    python launch/train.py --help                            # every config key, with defaults
+    python launch/train.py --dry-run --world-size 8 --parallel.ep=4   # check and size, then exit
 """
 import os
 import sys

@@ -183,7 +183,7 @@ class Block(nn.Module):
             )
             self.ffn = MoELayer(
                 m.d_model, e.num_experts, e.top_k, e.expert_ffn_dim, capacity, e.activation,
-                e.router_jitter, e.normalize_topk, e.expert_dtype,
+                e.router_jitter, e.normalize_topk, expert_dtype(cfg),
                 e.score_func, e.route_scale, e.num_groups, e.topk_groups, e.bias_update_rate,
                 recompute_experts=cfg.train.activation_checkpointing == "experts",
                 experts_impl=e.experts_impl,
@@ -203,6 +203,15 @@ class Block(nn.Module):
         if self.shared_expert is not None:
             h = h + self.shared_expert(h_in)
         return x + self.drop(h), stats
+
+
+def expert_dtype(cfg: Config) -> str:
+    """moe.expert_dtype, with auto read as the run's compute dtype: bfloat16 under
+    train.precision=bf16 (rows and, under DeepSpeed bf16, weights are bf16 already: no fp32
+    copy per forward), else float32."""
+    if cfg.moe.expert_dtype != "auto":
+        return cfg.moe.expert_dtype
+    return "bfloat16" if cfg.train.precision == "bf16" else "float32"
 
 
 def is_moe_block(cfg: Config, i: int) -> bool:

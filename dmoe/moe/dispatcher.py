@@ -29,10 +29,13 @@ from .router import Routing
 
 @dataclass(frozen=True)
 class CapacitySettings:
-    train_factor: float | None
-    eval_factor: float | None
-    min_capacity: int
-    drop_policy: str
+    """Expert capacity (the config's moe.* fields; defaults as there). A factor of None or 0:
+    dropless."""
+
+    train_factor: float | None = 1.25
+    eval_factor: float | None = 2.0
+    min_capacity: int = 4
+    drop_policy: str = "position"
 
     def factor(self, training: bool) -> float | None:
         return self.train_factor if training else self.eval_factor
@@ -144,7 +147,15 @@ def combine_rows(y_ND: torch.Tensor, token_idx_N: torch.Tensor, gate_N: torch.Te
 
 
 class LocalDispatcher:
-    """All experts on this rank: a gather before the experts, a scatter-add after."""
+    """All experts on this rank: a gather before the experts, a scatter-add after.
+
+    It also offers `dispatch_combine` (fuses_experts): the gather, the experts and the
+    combine as one call, so the experts can read their rows straight from x_TD and add
+    their gate-weighted outputs straight into y_TD (GroupedExperts.forward with token_idx_N
+    and gate_N, routed_mlp.py); MoELayer takes it when offered. dispatch()/combine() stay
+    as they are (expert parallelism and any experts without `takes_routed_rows` use them)."""
+
+    fuses_experts = True
 
     def __init__(self, num_experts: int, capacity: CapacitySettings):
         self.num_experts, self.capacity = num_experts, capacity
@@ -154,6 +165,20 @@ class LocalDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, training: bool
                  ) -> tuple[torch.Tensor, DispatchMeta]:
+        meta = self.plan(x_TD, routing, training)
+        return x_TD.index_select(0, meta.token_idx_N), meta
+
+    def dispatch_combine(self, x_TD: torch.Tensor, routing: Routing, training: bool, experts
+                         ) -> tuple[torch.Tensor, DispatchMeta]:
+        """combine(experts(*dispatch(...))) in one: y_TD and the metadata."""
+        meta = self.plan(x_TD, routing, training)
+        if getattr(experts, "takes_routed_rows", False):
+            return experts(x_TD, meta.counts, meta.token_idx_N, meta.gate_N), meta
+        y_ND = experts(x_TD.index_select(0, meta.token_idx_N), meta.counts)
+        return self.combine(y_ND, meta), meta
+
+    def plan(self, x_TD: torch.Tensor, routing: Routing, training: bool) -> DispatchMeta:
+        """Which rows go where (kept rows in expert order, their gates, counts): no rows move."""
         num_tokens = x_TD.shape[0]
         plan, token_idx_N, gate_N, cap = permute_tokens(
             routing, num_tokens, self.num_experts, self.capacity, training, compact=False
@@ -170,7 +195,7 @@ class LocalDispatcher:
             capacity=cap,
             num_tokens=num_tokens,
         )
-        return x_TD.index_select(0, token_idx_N), meta
+        return meta
 
     def combine(self, y_ND: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         return combine_rows(y_ND, meta.token_idx_N, meta.gate_N, meta.num_tokens)

@@ -30,9 +30,14 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .dispatcher import combine_rows
+from .mlp_math import act_backward as _act_backward
+from .mlp_math import act_forward as _act_forward
+from .mlp_math import weight_grad_buffer as _weight_grad_buffer
+from .routed_mlp import routed_expert_mlp
 
 ACTIVATIONS = ("gelu", "swiglu")
 EXPERT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -137,33 +142,6 @@ def pick_impl(device_type: str, dtype: torch.dtype, n_rows: int, num_local: int,
     return "torch_grouped_mm" if grouped_ok and (small or many) else "fused"
 
 
-def _weight_grad_buffer(w_EIO: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """Uninitialised stacked gradient; only experts with no rows are zeroed (saves a memset)."""
-    grad_w = torch.empty_like(w_EIO)
-    for e, n in enumerate(counts):
-        if not n:
-            grad_w[e].zero_()
-    return grad_w
-
-
-def _act_forward(h_nH: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "swiglu":
-        gate_nF, up_nF = h_nH.chunk(2, dim=-1)
-        return F.silu(gate_nF) * up_nF
-    return F.gelu(h_nH)
-
-
-def _act_backward(grad_nF: torch.Tensor, h_nH: torch.Tensor, activation: str) -> torch.Tensor:
-    """d loss / d h from d loss / d act(h), in the layout of h."""
-    if activation != "swiglu":
-        return torch.ops.aten.gelu_backward(grad_nF, h_nH)
-    gate_nF, up_nF = h_nH.chunk(2, dim=-1)
-    grad_nH = torch.empty_like(h_nH)
-    torch.mul(grad_nF, F.silu(gate_nF), out=grad_nH[:, gate_nF.shape[1] :])
-    grad_nH[:, : gate_nF.shape[1]] = torch.ops.aten.silu_backward(grad_nF * up_nF, gate_nF)
-    return grad_nH
-
-
 class _ExpertMLP(torch.autograd.Function):
     """y[rows of e] = act(x[rows of e] @ w1[e]) @ w2[e], expert by expert.
 
@@ -251,27 +229,52 @@ class GroupedExperts(nn.Module):
 
     def resolve_impl(self, x_ND: torch.Tensor, counts: list[int], dtype: torch.dtype | None = None) -> str:
         """self.impl, or for "auto" what `pick_impl` chooses for these rows in `dtype` (the
-        compute dtype: autocast's or moe.expert_dtype)."""
+        compute dtype: autocast's or moe.expert_dtype). x_ND gives the device; the rows
+        are sum(counts) (x may be the undispatched x_TD of a routed call)."""
         if self.impl != "auto":
             return self.impl
         capability = (torch.cuda.get_device_capability(x_ND.device)
                       if x_ND.device.type == "cuda" else None)
-        return pick_impl(x_ND.device.type, dtype or self.compute_dtype, x_ND.shape[0], len(counts),
+        return pick_impl(x_ND.device.type, dtype or self.compute_dtype, sum(counts), len(counts),
                          (self.d_model, self.d_ff, self.w1.shape[2]), capability)
 
-    def forward(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        device_type = x_ND.device.type
+    # LocalDispatcher.dispatch_combine may hand these experts undispatched tokens (below)
+    takes_routed_rows = True
+
+    def forward(self, x_ND: torch.Tensor, counts: list[int], token_idx_N: torch.Tensor | None = None,
+                gate_N: torch.Tensor | None = None) -> torch.Tensor:
+        """y_ND = the experts on expert-contiguous rows (counts[e] rows for expert e).
+
+        With token_idx_N and gate_N, x is the undispatched x_TD and the call also gathers
+        and combines: y_TD[t] = sum of gate_N[r] * mlp(x_TD[t]) over the kept rows r of
+        token t (token_idx_N, gate_N in expert order). The "fused" formulation runs that
+        as one node (routed_mlp.py); the others gather, run the experts and combine.
+        Either way it is one module call, so hooks on the experts see (x, counts)."""
+        if token_idx_N is None:
+            return self._run(self._forward, x_ND, counts)
+        return self._run(self._forward_routed, x_ND, counts, token_idx_N, gate_N)
+
+    def _run(self, fn, x: torch.Tensor, counts: list[int], *rest) -> torch.Tensor:
+        device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             # the custom autograd nodes write into preallocated outputs: give them one
             # explicit dtype (autocast's) instead of letting autocast recast per matmul
             with torch.autocast(device_type, enabled=False):
-                return self._maybe_recompute(x_ND, counts, torch.get_autocast_dtype(device_type))
-        return self._maybe_recompute(x_ND, counts, self.compute_dtype)
+                return self._maybe_recompute(fn, x, counts, torch.get_autocast_dtype(device_type), *rest)
+        return self._maybe_recompute(fn, x, counts, self.compute_dtype, *rest)
 
-    def _maybe_recompute(self, x_ND: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
+    def _maybe_recompute(self, fn, x: torch.Tensor, counts: list[int], dtype: torch.dtype, *rest):
         if self.recompute and torch.is_grad_enabled():
-            return checkpoint(self._forward, x_ND, counts, dtype, use_reentrant=False)
-        return self._forward(x_ND, counts, dtype)
+            return checkpoint(fn, x, counts, dtype, *rest, use_reentrant=False)
+        return fn(x, counts, dtype, *rest)
+
+    def _forward_routed(self, x_TD: torch.Tensor, counts: list[int], dtype: torch.dtype,
+                        token_idx_N: torch.Tensor, gate_N: torch.Tensor) -> torch.Tensor:
+        if dtype == x_TD.dtype and self.resolve_impl(x_TD, counts, dtype) == "fused":
+            return routed_expert_mlp(x_TD, token_idx_N, gate_N.to(dtype), self.w1.to(dtype),
+                                     self.w2.to(dtype), counts, self.activation)
+        y_ND = self._forward(x_TD.index_select(0, token_idx_N), counts, dtype)
+        return combine_rows(y_ND, token_idx_N, gate_N, x_TD.shape[0])
 
     def _forward(self, x_ND: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
         if dtype == torch.bfloat16 and x_ND.device.type == "cpu":

@@ -5,7 +5,9 @@ Communication happens only inside the dispatcher (none for LocalDispatcher).
 
 Profiling: `enable_profiling(i)` names the layer's communication events (through the
 dispatcher) and wraps its four phases in torch.profiler ranges moe{i}/route, dispatch,
-experts, combine; off by default, so a plain forward pays nothing for it. Likewise
+experts, combine (moe{i}/route and moe{i}/dispatch_experts_combine where the dispatcher
+runs the last three as one: the local one, fused, and EP with overlapped chunks); off by
+default, so a plain forward pays nothing for it. Likewise
 `routing_observer` (None by default) sees every forward's choices, for routing analysis.
 """
 from __future__ import annotations
@@ -42,8 +44,19 @@ class MoEStats:
 
 
 class MoELayer(nn.Module):
+    """A drop-in MoE FFN for any model: y, stats = layer(x) with x [B, S, D] or [T, D].
+
+        layer = MoELayer(d_model=64, num_experts=8, top_k=2, d_ff=128)   # capacity defaults
+        loss = task_loss + 0.01 * stats.aux_loss + 0.001 * stats.z_loss
+
+    capacity: CapacitySettings (factor 1.25 in training, 2.0 in eval; None factors: dropless).
+    Made expert-parallel over a process group by dmoe.parallel.expert_parallel.apply
+    (shard_moe_layers(model, ep_group)): only the dispatcher and the expert shard change.
+    """
+
     def __init__(self, d_model: int, num_experts: int, top_k: int, d_ff: int,
-                 capacity: CapacitySettings, activation: str = "gelu", jitter_eps: float = 0.0,
+                 capacity: CapacitySettings | None = None, activation: str = "gelu",
+                 jitter_eps: float = 0.0,
                  normalize_topk: bool = True, expert_dtype: str = "float32",
                  score_func: str = "softmax", route_scale: float = 1.0, num_groups: int = 1,
                  topk_groups: int = 1, bias_update_rate: float = 0.0,
@@ -55,7 +68,7 @@ class MoELayer(nn.Module):
                                       impl=experts_impl, recompute=recompute_experts)
         # Swapped for an expert-parallel dispatcher (and a shard of the experts) by
         # dmoe.parallel.parallelize; the model code never sees a process group.
-        self.dispatcher: Dispatcher = LocalDispatcher(num_experts, capacity)
+        self.dispatcher: Dispatcher = LocalDispatcher(num_experts, capacity or CapacitySettings())
         self.trace_name: str | None = None  # "moe{i}" while profiling
         # routing analysis (dmoe.analysis): called with each forward's expert_idx_TK
         # (detached; this rank's tokens, in input order); None: off, nothing is paid
@@ -79,12 +92,20 @@ class MoELayer(nn.Module):
             routing = self.router(x_TD, seq_len)
         if self.routing_observer is not None:
             self.routing_observer(routing.expert_idx_TK.detach())
-        with self._phase("dispatch"):
-            x_ND, meta = self.dispatcher.dispatch(x_TD, routing, self.training)
-        with self._phase("experts"):
-            y_ND = self.experts(x_ND, meta.counts)
-        with self._phase("combine"):
-            y_TD = self.dispatcher.combine(y_ND, meta)
+        if (getattr(self.dispatcher, "overlaps_experts", False)
+                or getattr(self.dispatcher, "fuses_experts", False)):
+            # an EP dispatcher that pipelines its all-to-alls with the experts, in chunks;
+            # or the local one, whose experts gather and combine their own rows
+            with self._phase("dispatch_experts_combine"):
+                y_TD, meta = self.dispatcher.dispatch_combine(x_TD, routing, self.training,
+                                                              self.experts)
+        else:
+            with self._phase("dispatch"):
+                x_ND, meta = self.dispatcher.dispatch(x_TD, routing, self.training)
+            with self._phase("experts"):
+                y_ND = self.experts(x_ND, meta.counts)
+            with self._phase("combine"):
+                y_TD = self.dispatcher.combine(y_ND, meta)
         stats = MoEStats(meta.routed_E, meta.kept_E, aux_loss=routing.aux_loss,
                          z_loss=routing.z_loss, seq_aux_loss=routing.seq_aux_loss,
                          capacity=meta.capacity)

@@ -191,12 +191,15 @@ def all_to_all_single(out: torch.Tensor, inp: torch.Tensor,
                       output_split_sizes: list[int] | None = None,
                       input_split_sizes: list[int] | None = None,
                       group: dist.ProcessGroup | None = None,
-                      tag: CommTag = CommTag("all_to_all")) -> None:
+                      tag: CommTag = CommTag("all_to_all"), async_op: bool = False):
+    """async_op=True returns the work handle (wait() before reading `out`); under an
+    active recorder the call is timed as a blocking one (issued and waited here)."""
     if _WATCHDOG is not None:
         _WATCHDOG.collective = (tag, group)
     rec = active()
     if rec is None:
-        return dist.all_to_all_single(out, inp, output_split_sizes, input_split_sizes, group=group)
+        return dist.all_to_all_single(out, inp, output_split_sizes, input_split_sizes, group=group,
+                                      async_op=async_op)
     n = rec.group_info(group)[1]
     row = _row_bytes(inp if inp.numel() else out)
     send = [s * row for s in input_split_sizes] if input_split_sizes else [inp.nbytes // n] * n
@@ -204,7 +207,11 @@ def all_to_all_single(out: torch.Tensor, inp: torch.Tensor,
     if rec.measure_wait:
         _wait(rec, tag, group, inp)
     with rec.timed("all_to_all", tag, group, inp, send, recv, sum(send)):
-        dist.all_to_all_single(out, inp, output_split_sizes, input_split_sizes, group=group)
+        work = dist.all_to_all_single(out, inp, output_split_sizes, input_split_sizes,
+                                      group=group, async_op=async_op)
+        if work is not None:
+            work.wait()
+    return work
 
 
 def all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM,

@@ -2,7 +2,8 @@
 
 The model is built whole (same seed on every rank) and then sharded as the sharding plan
 (dmoe.parallel.plan) says, so every rank's shard is a slice of one reference model: what
-the equivalence tests and the checkpoints rely on. No communication.
+the equivalence tests and the checkpoints rely on. Communication: under EP one
+all_gather_object that checks every EP rank has the same MoE layers (expert_parallel/apply.py).
 """
 from __future__ import annotations
 
@@ -19,5 +20,6 @@ def parallelize(model: nn.Module, groups: ProcessGroups) -> nn.Module:
     if groups.size("ep") > 1:
         from dmoe.parallel.expert_parallel.apply import shard_moe_layers
 
-        shard_moe_layers(model, groups.ep, dedup=model.cfg.parallel.a2a_dedup)
+        shard_moe_layers(model, groups.ep, dedup=model.cfg.parallel.a2a_dedup,
+                         chunks=model.cfg.parallel.a2a_chunks)
     return model

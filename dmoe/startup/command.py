@@ -18,26 +18,18 @@ from collections.abc import Callable
 
 import torch
 
-from dmoe.config import Config, ConfigError, load_config, validate_paths
+from dmoe.config import DEFAULT_CONFIG, Config, ConfigError, load_config, validate_paths
+from dmoe.tools.help_format import HelpFormatter
 
-from .elastic import join_restarted_group, restart_count
+from .allocator import tune_allocator
+from .elastic import join_restarted_group, restarted
 from .launchers import LaunchInfo, detect_launch
+from .logs import quiet_deepspeed, setup_logging
+from .precision import resolve_precision
 from .process_group import free_port, group_timeout_s, process_group
 
-DEFAULT_CONFIG = "configs/default.yaml"
 ONE_LINE_GRACE_S = 2.0  # ranks != 0 wait this long before exiting with an error
 Body = Callable[[Config, LaunchInfo, torch.device, str], None]
-
-
-def setup_logging(rank: int) -> None:
-    from rich.logging import RichHandler
-
-    level = logging.INFO if rank == 0 else logging.WARNING
-    handler = RichHandler(show_path=False, markup=False, rich_tracebacks=False)
-    logging.basicConfig(level=level, format=f"[r{rank}] %(message)s" if rank else "%(message)s",
-                        handlers=[handler], force=True)
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def resolve_config(config_path: str, overrides: list[str], info: LaunchInfo) -> tuple[Config, str]:
@@ -45,18 +37,20 @@ def resolve_config(config_path: str, overrides: list[str], info: LaunchInfo) -> 
     anything starts."""
     from dmoe.parallel.layout import ParallelLayout
 
-    path = config_path if os.path.exists(config_path) or config_path != DEFAULT_CONFIG else None
-    cfg = load_config(path, overrides)
+    cfg = load_config(config_path, overrides)  # a file, or a packaged config's name
     validate_paths(cfg)
-    restarts = restart_count()
+    restarts, restart_var = restarted()
     if not cfg.train.resume and restarts > 0:
-        # torchrun --max-restarts started this worker again after a failure: continue from
+        # torchrun --max-restarts or a Slurm requeue started this worker again: continue from
         # the run dir's latest complete checkpoint (or start fresh if there is none yet)
         cfg.train.resume = "auto"
         if info.rank == 0:
             logging.getLogger(__name__).warning(
-                "elastic restart %s (TORCHELASTIC_RESTART_COUNT): train.resume=auto", restarts)
+                "elastic restart %s (%s): train.resume=auto", restarts, restart_var)
     ParallelLayout(info.world_size, tp=cfg.parallel.tp, ep=cfg.parallel.ep).validate(cfg.moe.num_experts)
+    cfg.train.precision, why = resolve_precision(cfg.train.precision)  # auto: from the device
+    if info.rank == 0:
+        logging.getLogger(__name__).info(why)
     engine_name = cfg.train.engine
     if engine_name == "auto":
         engine_name = "deepspeed" if info.launcher == "deepspeed" else "torch"
@@ -64,6 +58,7 @@ def resolve_config(config_path: str, overrides: list[str], info: LaunchInfo) -> 
         from dmoe.train.engines import check_deepspeed
 
         check_deepspeed(cfg)
+        quiet_deepspeed(info.rank)
     return cfg, engine_name
 
 
@@ -79,10 +74,14 @@ def run_command(config_path: str, local_rank: int | None, overrides: list[str], 
 
     info = detect_launch(deepspeed_launcher=local_rank is not None)
     setup_logging(info.rank)
+    tune_allocator()  # glibc: resident memory flat over a long run (DMOE_MALLOC)
     try:
         cfg, engine_name = resolve_config(config_path, overrides, info)
     except (ConfigError, ValueError) as err:
         return _one_line("config error", err, info.rank)
+    if info.rank == 0:  # relative paths follow the working directory: say where they went
+        logging.getLogger(__name__).info("run dir %s, data dir %s", os.path.abspath(cfg.train.run_dir),
+                                         os.path.abspath(cfg.data.data_dir))
     try:
         # torchrun --max-restarts: this attempt's own store (timeout as dmoe.startup.process_group)
         join_restarted_group(cfg, info, timeout_s=group_timeout_s(cfg))
@@ -115,11 +114,17 @@ def _one_line(kind: str, err: Exception, rank: int = 0, code: int = 2) -> int:
 # ---------------------------------------------------------------- the tools' command line
 def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description,
-                                epilog="any other --section.key=value is a config override")
-    p.add_argument("--config", default=os.environ.get("DMOE_CONFIG", DEFAULT_CONFIG))
-    p.add_argument("--out", default=None, help="output directory (default: <train.run_dir>/<command>)")
-    p.add_argument("--nproc", type=int, default=0, help="spawn this many local ranks with torchrun")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None)
+                                formatter_class=HelpFormatter,
+                                epilog="any other --section.key=value is a config override "
+                                       "(`dmoe train --help` lists them)")
+    p.add_argument("--config", default=os.environ.get("DMOE_CONFIG", DEFAULT_CONFIG),
+                   help="a YAML file, or a packaged config's name; env DMOE_CONFIG")
+    p.add_argument("--out", default=None,
+                   help="output directory (default: <train.run_dir>/<command>)")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="spawn this many local ranks with torchrun (0: run in this process)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p
 
 

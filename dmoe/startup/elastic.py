@@ -1,9 +1,11 @@
-"""torchrun --max-restarts: what a restarted worker does differently.
+"""torchrun --max-restarts and Slurm requeue: what a restarted worker does differently.
 
     restarts = restart_count()            # TORCHELASTIC_RESTART_COUNT; 0: the first attempt
+    n, var = restarted()                  # the same, or SLURM_RESTART_COUNT (requeued job)
     join_restarted_group(cfg, info)       # before process_group(): a fresh store namespace
 
-A restarted job resumes (`train.resume` empty is read as `auto`: dmoe.startup.command).
+A restarted job resumes (`train.resume` empty is read as `auto`: dmoe.startup.command),
+whether torchrun restarted its workers or Slurm requeued the batch job.
 And its process group is joined through a store namespace of its own attempt: torchrun's
 static rendezvous keeps the agent's one store for every attempt, so a restarted gloo rank
 reads its peer's address from the failed attempt and connectFullMesh fails ("timed out
@@ -24,9 +26,19 @@ if TYPE_CHECKING:
     from .launchers import LaunchInfo
 
 
-def restart_count(env=os.environ) -> int:
-    value = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+def restart_count(env=os.environ, var: str = "TORCHELASTIC_RESTART_COUNT") -> int:
+    value = env.get(var, "0")
     return int(value) if value.isdigit() else 0
+
+
+def restarted(env=os.environ) -> tuple[int, str]:
+    """(how many times this job was started again, the variable that says so): torchrun's
+    TORCHELASTIC_RESTART_COUNT, else Slurm's SLURM_RESTART_COUNT (a requeued batch job:
+    scontrol requeue, preemption, node failure with --requeue). (0, "") on a first start."""
+    for var in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):
+        if (n := restart_count(env, var)) > 0:
+            return n, var
+    return 0, ""
 
 
 def join_restarted_group(cfg: Config, info: LaunchInfo, timeout_s: int = 600, env=os.environ) -> bool:

@@ -18,6 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
+from dmoe.tools.help_format import HelpFormatter
+
 
 def analyze_checkpoint(checkpoint: str, data_dir: str, tokens_per_domain: int = 16384,
                        batch_size: int = 16, tokenizer_json: str | None = None,
@@ -54,14 +56,19 @@ def analyze_checkpoint(checkpoint: str, data_dir: str, tokens_per_domain: int = 
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="dmoe analyze-routing", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint")
+    p = argparse.ArgumentParser(prog="dmoe analyze-routing", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("checkpoint",
+                   help="a checkpoint, a run's checkpoints/ dir or a run dir (its latest)")
     p.add_argument("--data", required=True, help="prepared data dir with domain labels")
     p.add_argument("--out", default=None, help="output dir (default: RUN/analysis)")
-    p.add_argument("--tokens-per-domain", type=int, default=16384)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--tokenizer-json", default=None)
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--tokens-per-domain", type=int, default=16384,
+                   help="validation tokens routed per domain")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per forward")
+    p.add_argument("--tokenizer-json", default=None,
+                   help="this tokenizer.json instead of the run's")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="the model's dtype")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from dmoe.analysis.report import text_report, write_outputs

@@ -8,7 +8,8 @@ all timed at once) and each size S (bytes each rank sends in total, S/n to every
 its own share included), times `iters` all_to_all_single calls after `warmup`, and
 reports the slowest rank's mean time t, algbw = S / t and busbw = algbw * (n-1)/n
 (nccl-tests' alltoall convention: the share a rank keeps never crosses the bus).
-Communication: the benchmark's collectives only. Prints a table, writes bench_comm.json.
+Communication: the benchmark's collectives only. Prints a table, writes bench_comm.json
+and report.html (bandwidth and time over sizes, one line per group size).
 """
 from __future__ import annotations
 
@@ -94,10 +95,12 @@ def run_bench(device: torch.device, sizes: list[int], iters: int, warmup: int) -
 
 def main(argv: list[str]) -> int:
     p = base_parser("dmoe bench-comm", "all-to-all bandwidth (algbw, busbw) over sizes")
-    p.add_argument("--min-bytes", default="4K")
-    p.add_argument("--max-bytes", default="16M")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--min-bytes", default="4K",
+                   help="smallest size each rank sends in total (K, M, G)")
+    p.add_argument("--max-bytes", default="16M",
+                   help="largest size (sizes double from --min-bytes)")
+    p.add_argument("--iters", type=int, default=10, help="timed all-to-alls per size")
+    p.add_argument("--warmup", type=int, default=3, help="untimed all-to-alls before them")
     args, overrides = p.parse_known_args(argv)
 
     def body(cfg, info, device, engine_name):
@@ -108,6 +111,7 @@ def main(argv: list[str]) -> int:
             out.mkdir(parents=True, exist_ok=True)
             backend = dist.get_backend()
             (out / "bench_comm.json").write_text(json.dumps({"backend": backend, "rows": rows}, indent=2))
+            (out / "report.html").write_text(report_html(rows, backend, dist.get_world_size()))
             _print(rows, backend, out)
 
     return run_tool("bench-comm", argv, args, overrides, body)
@@ -127,7 +131,27 @@ def _print(rows: list[dict], backend: str, out: Path) -> None:
     console.print(table)
     if rows and rows[0]["group_size"] == 1:
         console.print("one rank: nothing crosses a link (run with --nproc N or under a launcher)")
-    console.print(f"wrote {out}/bench_comm.json")
+    console.print(f"wrote {out}/bench_comm.json, report.html")
+
+
+def report_html(rows: list[dict], backend: str, world: int) -> str:
+    from . import html_report as H
+
+    sizes = sorted({r["bytes"] for r in rows})
+    by_n = {n: {r["bytes"]: r for r in rows if r["group_size"] == n} for n in sorted({r["group_size"] for r in rows})}
+    labels = [_human(s) for s in sizes]
+    series = lambda key: {f"{n} ranks": [g.get(s, {}).get(key) for s in sizes] for n, g in by_n.items()}
+    figs = [H.lines(sizes, series("busbw_gbps"), "all-to-all bus bandwidth", "bytes each rank sends",
+                    "busbw GB/s", xlog=True, xtick_labels=labels),
+            H.lines(sizes, series("time_us"), "all-to-all time per call", "bytes each rank sends", "time (us)",
+                    xlog=True, ylog=True, xtick_labels=labels)]
+    table = H.table(["ranks", "size", "time us", "algbw GB/s", "busbw GB/s"],
+                    [[r["group_size"], _human(r["bytes"]), f"{r['time_us']:.1f}", f"{r['algbw_gbps']:.3f}",
+                      f"{r['busbw_gbps']:.3f}"] for r in rows])
+    note = ("busbw = algbw * (n-1)/n (nccl-tests' all-to-all convention); the slowest rank's mean time"
+            + ("; one rank: nothing crosses a link" if world == 1 else ""))
+    return H.page("dmoe bench-comm", [H.section("Bandwidth", H.plots(*figs)), H.section("Rows", table)],
+                  f"backend {backend}, world size {world}; {note}")
 
 
 def _human(n: int) -> str:

@@ -13,22 +13,29 @@ import sys
 
 from dmoe.checkpoint.errors import CheckpointError
 from dmoe.checkpoint.offline import export, reshard
+from dmoe.tools.help_format import HelpFormatter
 
 
 def main(argv: list[str]) -> int:
     """Errors are one line on stderr, exit 2."""
-    parser = argparse.ArgumentParser(prog="dmoe checkpoint")
+    parser = argparse.ArgumentParser(prog="dmoe checkpoint", formatter_class=HelpFormatter,
+                                     description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("reshard", help="write a checkpoint for another layout")
-    r.add_argument("src", help="checkpoint dir, a run's checkpoints/ dir, or a run dir (its latest)")
+    r = sub.add_parser("reshard", help="write a checkpoint for another layout",
+                       formatter_class=HelpFormatter)
+    r.add_argument("src",
+                   help="checkpoint dir, a run's checkpoints/ dir, or a run dir (its latest)")
     r.add_argument("out", help="new directory for the resharded checkpoint")
-    r.add_argument("--world-size", type=int, required=True)
-    r.add_argument("--tp", type=int, default=1)
-    r.add_argument("--ep", type=int, default=1)
-    e = sub.add_parser("export", help="one consolidated safetensors file of the model")
-    e.add_argument("src", help="checkpoint dir, a run's checkpoints/ dir, or a run dir (its latest)")
+    r.add_argument("--world-size", type=int, required=True, help="ranks of the new layout")
+    r.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of the new layout")
+    r.add_argument("--ep", type=int, default=1, help="expert-parallel degree of the new layout")
+    e = sub.add_parser("export", help="one consolidated safetensors file of the model",
+                       formatter_class=HelpFormatter)
+    e.add_argument("src",
+                   help="checkpoint dir, a run's checkpoints/ dir, or a run dir (its latest)")
     e.add_argument("out", help="output .safetensors file")
-    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None)
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None,
+                   help="cast the weights (default: as saved, float32)")
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -13,13 +13,17 @@ import sys
 from pathlib import Path
 
 from dmoe.config import ConfigError, load_config
+from dmoe.tools.help_format import HelpFormatter
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dmoe data prepare", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["prepare"])
-    parser.add_argument("paths", nargs="*", help="text files or directories (default: built-in corpus)")
-    parser.add_argument("--config", default=None)
+    parser = argparse.ArgumentParser(prog="dmoe data prepare", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("action", choices=["prepare"], help="what to do")
+    parser.add_argument("paths", nargs="*",
+                        help="text files or directories (default: built-in corpus)")
+    parser.add_argument("--config", default=None,
+                        help="a YAML file or packaged config name for the data.* settings")
     parser.add_argument("--out", default=None, help="data directory (default: data.data_dir)")
     parser.add_argument("--builtin", choices=["stdlib", "multidomain"], default=None,
                         help="the built-in corpus when no path is given (= --data.builtin)")

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from dmoe.tools.help_format import HelpFormatter
+
 log = logging.getLogger("dmoe.experiment")
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "experiments"
@@ -154,12 +156,15 @@ def results_table(results: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="dmoe experiment", description=__doc__.splitlines()[0])
-    p.add_argument("name", choices=["btx"])
+    p = argparse.ArgumentParser(prog="dmoe experiment", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("name", choices=["btx"], help="the experiment")
     p.add_argument("--steps", type=int, default=1000, help="training steps per model (S)")
-    p.add_argument("--branch-fraction", type=float, default=0.5)
-    p.add_argument("--out", default="runs/btx")
-    p.add_argument("--tokens-per-domain", type=int, default=16384)
+    p.add_argument("--branch-fraction", type=float, default=0.5,
+                   help="f: the share of S spent before merging / upcycling")
+    p.add_argument("--out", default="runs/btx", help="directory for the runs, results and analysis")
+    p.add_argument("--tokens-per-domain", type=int, default=16384,
+                   help="validation tokens per domain in the routing analysis")
     a, extra = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not 0 < a.branch_fraction < 1:

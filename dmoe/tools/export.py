@@ -15,14 +15,17 @@ import sys
 
 from dmoe.checkpoint.errors import CheckpointError
 from dmoe.config import ConfigError
+from dmoe.tools.help_format import HelpFormatter
 
 
 def main(argv: list[str]) -> int:
     """Errors are one line on stderr, exit 2."""
-    p = argparse.ArgumentParser(prog="dmoe export", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="dmoe export", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("src", help="checkpoint dir, a run's checkpoints/ dir or a run dir (its latest)")
     p.add_argument("out", help="hf: new output directory; dmoe: output .safetensors file")
-    p.add_argument("--format", choices=["hf", "dmoe"], default="hf")
+    p.add_argument("--format", choices=["hf", "dmoe"], default="hf",
+                   help="hf: a Hugging Face model directory; dmoe: one safetensors file")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "float64"], default=None,
                    help="hf default float32 (dmoe's master weights)")
     p.add_argument("--max-shard-size", default="5GB", help="hf: split above this (5GB, 500MB, ...)")

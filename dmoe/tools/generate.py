@@ -19,6 +19,7 @@ import sys
 
 from dmoe.checkpoint.errors import CheckpointError
 from dmoe.config import ConfigError
+from dmoe.tools.help_format import HelpFormatter
 
 
 def _stop_ids(eos_id: int | None, checkpoint) -> tuple[int, ...]:
@@ -33,17 +34,20 @@ def _stop_ids(eos_id: int | None, checkpoint) -> tuple[int, ...]:
 
 def main(argv: list[str]) -> int:
     """Prints the continuation (or its ids) on stdout; errors one line on stderr, exit 2."""
-    p = argparse.ArgumentParser(prog="dmoe generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="dmoe generate", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="checkpoint dir, a run's checkpoints/ dir, or a run dir")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text, encoded with the run's tokenizer")
     prompt.add_argument("--prompt-ids", help="comma-separated token ids (prints ids)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest; 0: all")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eos-id", type=int, default=None)
-    p.add_argument("--tokenizer-json", default=None)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--eos-id", type=int, default=None,
+                   help="stop at this token (default: an imported model's eos, else 0; -1: never)")
+    p.add_argument("--tokenizer-json", default=None,
+                   help="this tokenizer.json instead of the run's")
     p.add_argument("--json", action="store_true", help="print {prompt_ids, new_ids, text} as JSON")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -18,11 +18,13 @@ import sys
 
 from dmoe.checkpoint.errors import CheckpointError
 from dmoe.config import ConfigError
+from dmoe.tools.help_format import HelpFormatter
 
 
 def main(argv: list[str]) -> int:
     """Errors are one line on stderr, exit 2; nothing is left in RUN_DIR."""
     p = argparse.ArgumentParser(prog="dmoe import", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter,
                                 epilog="any other --section.key=value is a config override")
     p.add_argument("hf_dir", help="an HF model directory: config.json + safetensors weights")
     p.add_argument("run_dir", help="new (or empty) dmoe run directory")

@@ -1,124 +1,149 @@
-"""A self-contained HTML report: inline SVG plots, no dependency, opens in any browser.
+"""A self-contained HTML report: matplotlib figures embedded as base64 PNG, one file that
+opens in any browser.
 
-    html = page("dmoe profile", [section(...), ...]);  Path("report.html").write_text(html)
+    html = page("dmoe profile", [section("Plots", plots(lines(...), heatmap(...)))])
+    Path("report.html").write_text(html)
+
+Figures use matplotlib's object API (Figure, no pyplot: no global backend or state) and
+stay readable from a handful to hundreds of experts: heatmaps get a colour bar, cell text
+only up to CELL_TEXT_MAX columns, and thinned ticks beyond that.
 """
 from __future__ import annotations
 
+import base64
 import html as _html
+import io
+
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#9c755f")
-W, H, PAD = 560, 260, 48
+CELL_TEXT_MAX = 16  # more columns than this: no numbers inside heatmap cells
+LEGEND_MAX = 10  # more series than this: thin grey lines, no legend entries for each
+DPI = 100
 
 
 def esc(text) -> str:
     return _html.escape(str(text))
 
 
-def _svg(body: list[str], title: str, w: int = W, h: int = H) -> str:
-    head = f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">'
-    cap = f'<text x="{w / 2}" y="14" text-anchor="middle" font-weight="bold">{esc(title)}</text>'
-    return "".join([head, cap, *body, "</svg>"])
+def _png(fig: Figure, title: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f"<img class='fig' alt='{esc(title)}' src='data:image/png;base64,{data}'/>"
 
 
-def _axes(xlabel: str, ylabel: str, ymax: float, w: int = W, h: int = H) -> list[str]:
-    x0, y0, x1, y1 = PAD, h - PAD + 10, w - 12, 24
-    out = [f'<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}" stroke="#333"/>',
-           f'<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{y1}" stroke="#333"/>',
-           f'<text x="{(x0 + x1) / 2}" y="{h - 4}" text-anchor="middle">{esc(xlabel)}</text>',
-           f'<text x="12" y="{(y0 + y1) / 2}" text-anchor="middle" transform="rotate(-90 12 {(y0 + y1) / 2})">'
-           f'{esc(ylabel)}</text>']
-    for frac in (0, 0.5, 1):
-        y = y0 - frac * (y0 - y1)
-        out.append(f'<text x="{x0 - 4}" y="{y + 4}" text-anchor="end">{_fmt(ymax * frac)}</text>')
-        out.append(f'<line x1="{x0}" y1="{y}" x2="{x1}" y2="{y}" stroke="#ddd"/>')
-    return out
+def _figure(w: float = 6.4, h: float = 3.4) -> tuple[Figure, object]:
+    fig = Figure(figsize=(w, h))
+    ax = fig.add_subplot()
+    ax.grid(True, color="#e5e5e5", linewidth=0.8)
+    ax.set_axisbelow(True)
+    return fig, ax
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-
-
-def _legend(names: list[str], w: int = W) -> list[str]:
-    out, x = [], PAD
-    for i, name in enumerate(names):
-        out.append(f'<rect x="{x}" y="20" width="10" height="10" fill="{PALETTE[i % len(PALETTE)]}"/>')
-        out.append(f'<text x="{x + 13}" y="29">{esc(name)}</text>')
-        x += 18 + 7 * len(name)
-    return out
-
-
-def stacked_bars(labels: list, series: dict[str, list[float]], title: str, ylabel: str) -> str:
+def stacked_bars(labels: list, series: dict[str, list[float]], title: str, ylabel: str,
+                 xlabel: str = "step") -> str:
     """One bar per label, segments stacked in `series` order."""
-    totals = [sum(vals[i] for vals in series.values()) for i in range(len(labels))]
-    ymax = max(totals + [1e-12])
-    x0, y0, plot_w, plot_h = PAD, H - PAD + 10, W - PAD - 12, H - PAD - 24 - 16
-    bw = plot_w / max(len(labels), 1)
-    body = _axes("step", ylabel, ymax)
-    for i, label in enumerate(labels):
-        y = y0
-        for j, vals in enumerate(series.values()):
-            hgt = vals[i] / ymax * plot_h
-            y -= hgt
-            body.append(f'<rect x="{x0 + i * bw + 1:.1f}" y="{y:.1f}" width="{max(bw - 2, 1):.1f}" '
-                        f'height="{hgt:.1f}" fill="{PALETTE[j]}"/>')
-        if len(labels) <= 20 or i % (len(labels) // 10 + 1) == 0:
-            body.append(f'<text x="{x0 + (i + 0.5) * bw:.1f}" y="{y0 + 12}" text-anchor="middle">{esc(label)}</text>')
-    return _svg(body + _legend(list(series)), title)
+    fig, ax = _figure()
+    xs = list(range(len(labels)))
+    bottom = [0.0] * len(labels)
+    for j, (name, vals) in enumerate(series.items()):
+        ax.bar(xs, vals, bottom=bottom, color=PALETTE[j % len(PALETTE)], label=name, width=0.8)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    step = max(1, len(labels) // 12)
+    ax.set_xticks(xs[::step], [str(x) for x in labels[::step]])
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=8, ncols=min(len(series), 4), loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    return _png(fig, title)
 
 
 def lines(xs: list[float], series: dict[str, list[float]], title: str, xlabel: str, ylabel: str,
-          marker_x: float | None = None) -> str:
-    """Line plot of several series over shared xs; an optional vertical marker."""
-    ys = [v for vals in series.values() for v in vals if v is not None]
-    ymax = max(ys + [1e-12]) * 1.05
-    xmin, xmax = min(xs), max(xs)
-    x0, y0, plot_w, plot_h = PAD, H - PAD + 10, W - PAD - 12, H - PAD - 24 - 16
-
-    def px(x):
-        return x0 + (x - xmin) / ((xmax - xmin) or 1) * plot_w
-
-    def py(y):
-        return y0 - y / ymax * plot_h
-
-    body = _axes(xlabel, ylabel, ymax)
-    for x in xs:
-        body.append(f'<text x="{px(x):.1f}" y="{y0 + 12}" text-anchor="middle">{_fmt(x)}</text>')
-    for j, vals in enumerate(series.values()):
-        pts = [(px(x), py(y)) for x, y in zip(xs, vals) if y is not None]
-        path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
-        body.append(f'<polyline points="{path}" fill="none" stroke="{PALETTE[j]}" stroke-width="2"/>')
-        body += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{PALETTE[j]}"/>' for x, y in pts]
+          marker_x: float | None = None, marker_label: str = "", hline: float | None = None,
+          hline_label: str = "", xlog: bool = False, ylog: bool = False, bold: tuple = (),
+          percent: bool = False, xtick_labels: list[str] | None = None) -> str:
+    """Line plot of several series over shared xs. `marker_x`: a highlighted vertical line
+    (e.g. the recommended factor); `hline`: a horizontal reference (e.g. the target drop);
+    `bold`: series drawn thick (the others thin grey when there are more than LEGEND_MAX);
+    `xtick_labels`: one label per x (e.g. "64K")."""
+    fig, ax = _figure()
+    many = len(series) > LEGEND_MAX
+    for j, (name, vals) in enumerate(series.items()):
+        pts = [(x, y) for x, y in zip(xs, vals) if y is not None]
+        if not pts:
+            continue
+        px, py = zip(*pts)
+        if name in bold:  # the first bold series solid black, the next dashed purple
+            k = bold.index(name)
+            ax.plot(px, py, color=("#222", "#7b3294")[k % 2], linestyle=("-", "--")[k % 2], linewidth=2.4,
+                    marker="os"[k % 2], markersize=4, label=name, zorder=3)
+        elif many:
+            ax.plot(px, py, color="#9aa7b8", linewidth=0.8, alpha=0.7,
+                    label=f"{len(series) - len(bold)} layers" if j == 0 else None)
+        else:
+            ax.plot(px, py, color=PALETTE[j % len(PALETTE)], linewidth=1.6, marker="o", markersize=3,
+                    label=name)
+    if hline is not None:
+        ax.axhline(hline, color="#e15759", linestyle="--", linewidth=1.4, label=hline_label or None)
     if marker_x is not None:
-        body.append(f'<line x1="{px(marker_x):.1f}" y1="{y0}" x2="{px(marker_x):.1f}" y2="{y0 - plot_h}" '
-                    'stroke="#e15759" stroke-dasharray="4 3"/>')
-    return _svg(body + _legend(list(series)), title)
+        ax.axvline(marker_x, color="#2ca02c", linewidth=2.0, alpha=0.8, label=marker_label or None)
+    if xlog:
+        ax.set_xscale("log", base=2)
+    if ylog:
+        ax.set_yscale("log")
+    if xtick_labels is not None:
+        ax.set_xticks(xs, xtick_labels)
+        ax.minorticks_off()
+    if percent:
+        ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}" if v >= 0.01 or v == 0 else f"{v:.1%}")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.legend(fontsize=8, ncols=min(len(ax.get_legend_handles_labels()[0]), 4) or 1, loc="upper center",
+              bbox_to_anchor=(0.5, -0.18))
+    return _png(fig, title)
 
 
 def heatmap(rows: list[list[float]], row_labels: list[str], title: str, xlabel: str = "expert") -> str:
-    """Rows x columns of non-negative values; darker = larger share of the row's mean."""
+    """Rows x columns of non-negative values, each shown as a share of its row's mean (1 =
+    balanced); a colour bar; numbers in the cells only up to CELL_TEXT_MAX columns."""
     ncol = max((len(r) for r in rows), default=1)
-    cell_w, cell_h = min(40, (W - PAD - 12) / ncol), 22
-    h = 40 + cell_h * len(rows) + 30
-    body = []
-    for r, (vals, label) in enumerate(zip(rows, row_labels)):
-        mean = sum(vals) / max(len(vals), 1) or 1
-        y = 28 + r * cell_h
-        body.append(f'<text x="{PAD - 4}" y="{y + 15}" text-anchor="end">{esc(label)}</text>')
-        for c, v in enumerate(vals):
-            shade = min(v / mean / 2, 1.0)  # 2x the mean load is full colour
-            fill = f"rgb({int(255 - 200 * shade)},{int(255 - 150 * shade)},{int(255 - 60 * shade)})"
-            body.append(f'<rect x="{PAD + c * cell_w:.1f}" y="{y}" width="{cell_w - 1:.1f}" height="{cell_h - 1}" '
-                        f'fill="{fill}"><title>{esc(label)} expert {c}: {v:.0f} ({v / mean:.2f}x mean)</title></rect>')
-            body.append(f'<text x="{PAD + (c + 0.5) * cell_w:.1f}" y="{y + 15}" text-anchor="middle" '
-                        f'font-size="9">{v / mean:.1f}</text>')
-    body.append(f'<text x="{PAD + ncol * cell_w / 2}" y="{h - 6}" text-anchor="middle">'
-                f'{esc(xlabel)} (cell: load / mean load)</text>')
-    return _svg(body, title, W, h)
+    rel = [[v / ((sum(r) / len(r)) or 1) for v in r] for r in rows]
+    w = min(14.0, max(6.4, 0.42 * ncol + 2.5)) if ncol <= CELL_TEXT_MAX else min(14.0, max(8.0, 0.06 * ncol + 4))
+    fig, ax = _figure(w, max(2.2, 0.38 * len(rows) + 1.4))
+    ax.grid(False)
+    top = max((max(r) for r in rel if r), default=2.0)
+    vmax = min(max(2.0, top), 4.0)  # one hot expert must not darken all the others
+    im = ax.imshow(rel, aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+    cbar = fig.colorbar(im, ax=ax, pad=0.02, extend="max" if top > vmax else "neither")
+    cbar.set_label("load / row mean")
+    ax.set_yticks(range(len(rows)), row_labels)
+    if len(rows) > 24:
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=16, integer=True))
+    if ncol <= 32:
+        ax.set_xticks(range(ncol))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=16, integer=True))
+    ax.tick_params(labelsize=8)
+    if ncol <= CELL_TEXT_MAX and len(rows) <= 24:
+        for r, vals in enumerate(rel):
+            for c, v in enumerate(vals):
+                ax.text(c, r, f"{v:.1f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < vmax * 0.6 else "black")
+    ax.set(title=title, xlabel=f"{xlabel} id")
+    return _png(fig, title)
 
 
-def table(headers: list[str], rows: list[list]) -> str:
+def warnings(items: list[str]) -> str:
+    """A highlighted block of warning lines (empty when there are none)."""
+    if not items:
+        return ""
+    return "<div class='warn'>" + "".join(f"<p>&#9888; {esc(w)}</p>" for w in items) + "</div>"
+
+
+def table(headers: list[str], rows: list[list], highlight: int | None = None) -> str:
+    """`highlight`: index of a row to mark (e.g. the recommended factor)."""
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join(("<tr class='hl'>" if i == highlight else "<tr>")
+                   + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for i, row in enumerate(rows))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -127,14 +152,18 @@ def section(title: str, *parts: str) -> str:
 
 
 def page(title: str, sections: list[str], subtitle: str = "") -> str:
-    style = ("body{font-family:sans-serif;margin:20px;color:#222}h1{margin-bottom:2px}"
+    style = ("body{font-family:sans-serif;margin:20px;color:#222;max-width:1500px}h1{margin-bottom:2px}"
              "section{margin:18px 0}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f0f0f0}"
-             ".plots{display:flex;flex-wrap:wrap;gap:12px}.note{color:#555}")
+             "tr.hl td{background:#e3f4e1;font-weight:bold}"
+             ".plots{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}.note{color:#555}"
+             ".fig{max-width:100%;height:auto;border:1px solid #eee}"
+             ".warn{background:#fff4e5;border-left:4px solid #f28e2b;padding:4px 12px;margin:10px 0}"
+             ".warn p{margin:6px 0}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
             f"<style>{style}</style></head><body><h1>{esc(title)}</h1><p class='note'>{esc(subtitle)}</p>"
             + "".join(sections) + "</body></html>")
 
 
-def plots(*svgs: str) -> str:
-    return "<div class='plots'>" + "".join(svgs) + "</div>"
+def plots(*figs: str) -> str:
+    return "<div class='plots'>" + "".join(figs) + "</div>"

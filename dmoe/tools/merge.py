@@ -18,12 +18,15 @@ import argparse
 import logging
 import sys
 
+from dmoe.tools.help_format import HelpFormatter
+
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="dmoe merge", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="dmoe merge", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("paths", nargs="+", help="DENSE_1 ... DENSE_N OUT")
     p.add_argument("--top-k", type=int, default=None, help="default: min(2, N)")
-    p.add_argument("--every", type=int, default=1)
+    p.add_argument("--every", type=int, default=1, help="an MoE FFN every N blocks (moe.every)")
     p.add_argument("--seed", type=int, default=0, help="router init")
     a, overrides = p.parse_known_args(argv)
     if len(a.paths) < 3:

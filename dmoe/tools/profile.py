@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def parser():
     p = base_parser("dmoe profile", "short instrumented training run: comm, time split, routing")
     p.add_argument("--steps", type=int, default=10, help="profiled steps (after --warmup)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--trace-steps", type=int, default=2, help="extra steps under torch.profiler")
     p.add_argument("--no-wait", action="store_true", help="no timed barrier before all-to-alls")
     return p
@@ -66,7 +66,7 @@ def write_outputs(res: dict, out: Path, cfg, engine_name: str) -> None:
 def profile_sections(res: dict, rows: list[dict], summary: dict) -> list[str]:
     records = res["records"]
     steps = [r["step"] for r in records]
-    ms = lambda key: [r[key] * 1e3 for r in records]  # noqa: E731
+    ms = lambda key: [r[key] * 1e3 for r in records]
     s = summary
     head = (f"step {s['step_s'] * 1e3:.1f} ms: compute {s['compute_s'] * 1e3:.1f}, all-to-all "
             f"{s['a2a_s'] * 1e3:.1f}, other communication {s['comm_s'] * 1e3:.1f}, wait "
@@ -89,9 +89,10 @@ def profile_sections(res: dict, rows: list[dict], summary: dict) -> list[str]:
     figs = [breakdown]
     if n_layers and len(steps) > 1:
         figs += [H.lines(steps, per_layer, "all-to-all per MoE layer", "step", "ms"),
-                 H.lines(steps, drops, "drop fraction", "step", "dropped / routed")]
+                 H.lines(steps, drops, "drop fraction", "step", "dropped / routed", percent=True)]
     if n_layers:
-        figs.append(H.heatmap(loads, [f"moe{i}" for i in range(n_layers)], "expert load (routed rows)"))
+        figs.append(H.heatmap(loads, [f"moe{i}" for i in range(n_layers)],
+                              f"expert load: routed rows over {len(steps)} steps"))
     parts.append(H.section("Plots", H.plots(*figs)))
     if res.get("trace"):
         parts.append(H.section("Trace", f"<p>{H.esc(Path(res['trace']).name)}: open in "

@@ -131,7 +131,8 @@ def profile_run(cfg: Config, info: LaunchInfo, device: torch.device, engine_name
                         info.world_size)
     return {"records": records, "routing": routing, "eval_routing": evals, "layout": layout,
             "ep_index": _gather(ep_index, info.world_size), "gpu_note": probe.note,
-            "trace": trace_path, "num_layers": len(layers), "tokens_per_step": tokens}
+            "trace": trace_path, "num_layers": len(layers), "tokens_per_step": tokens,
+            "start_step": start}
 
 
 def _timed_step(engine, data, cfg, groups, device, step, recorder, num_layers, ep_index) -> dict:

@@ -36,21 +36,27 @@ def floats(text: str) -> list[float]:
 
 def parser():
     p = base_parser("dmoe tune-capacity", "capacity factor from recorded routing + timed runs")
-    p.add_argument("--target-drop", type=float, default=0.01)
+    p.add_argument("--target-drop", type=float, default=0.01,
+                   help="the overall drop fraction to stay under")
     p.add_argument("--steps", type=int, default=20, help="recorded training steps")
     p.add_argument("--record-from", type=int, default=0, help="use routing from this step on")
-    p.add_argument("--factors", type=floats, default=floats("1.0,1.1,1.25,1.5,1.75,2.0,2.5,3.0"))
-    p.add_argument("--timed-factors", type=floats, default=floats("1.0,1.25,2.0"))
-    p.add_argument("--timed-steps", type=int, default=5)
-    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--factors", type=floats, default=floats("1.0,1.1,1.25,1.5,1.75,2.0,2.5,3.0"),
+                   help="the grid of capacity factors replayed (comma-separated)")
+    p.add_argument("--timed-factors", type=floats, default=floats("1.0,1.25,2.0"),
+                   help="factors of the short timed runs")
+    p.add_argument("--timed-steps", type=int, default=5, help="steps per timed run")
+    p.add_argument("--eval-batches", type=int, default=4,
+                   help="held-out batches recorded in eval mode")
     p.add_argument("--quality", action="store_true", help="train short runs, report val loss")
-    p.add_argument("--quality-factors", type=floats, default=floats("1.0,1.25,2.0"))
+    p.add_argument("--quality-factors", type=floats, default=floats("1.0,1.25,2.0"),
+                   help="--quality: factors trained")
     p.add_argument("--quality-steps", type=int, default=0, help="0: train.steps")
     return p
 
 
 def main(argv: list[str]) -> int:
     args, overrides = parser().parse_known_args(argv)
+    args.overrides = [o for o in overrides if o.startswith("--") and "." in o]  # for the report heading
 
     def body(cfg, info, device, engine_name):
         out = Path(args.out or Path(cfg.train.run_dir) / "tune-capacity")
@@ -77,7 +83,8 @@ def tune(cfg, info, device, engine_name: str, args, out: Path) -> dict:
 
     rec = profile_run(cfg, info, device, engine_name, args.steps, out, warmup=0, trace_steps=0,
                       measure_wait=False, record=False, eval_batches=args.eval_batches)
-    result = {"recorded_factor": cfg.moe.capacity_factor, "recorded_steps": args.steps}
+    result = {"recorded_factor": cfg.moe.capacity_factor, "recorded_steps": args.steps,
+              "model": model_label(cfg, args.config, getattr(args, "overrides", ())), "resumed_from": resumed_from(cfg, rec["start_step"])}
     if info.rank == 0:
         result.update(predict(cfg, rec, args))
     timed = {}
@@ -90,6 +97,28 @@ def tune(cfg, info, device, engine_name: str, args, out: Path) -> dict:
     if args.quality:
         result["quality"] = quality_runs(cfg, info, device, engine_name, args, out)
     return result
+
+
+def model_label(cfg, config_name, overrides=()) -> str:
+    """What was measured: the config (and how many overrides), the model's size, one line."""
+    from dmoe.model.flops import count_params
+
+    m, e, n = cfg.model, cfg.moe, count_params(cfg)
+    name = Path(str(config_name)).stem
+    if overrides:
+        name += f" + {len(overrides)} override" + ("s" if len(overrides) > 1 else "")
+    return (f"{name} ({m.n_layers} layers, d_model {m.d_model}, {e.num_experts} "
+            f"experts top-{e.top_k}, {n.total / 1e6:.2f}M params, {n.active_per_token / 1e6:.2f}M active "
+            f"per token; tp {cfg.parallel.tp} ep {cfg.parallel.ep})")
+
+
+def resumed_from(cfg, start_step: int) -> dict | None:
+    """The checkpoint the runs resumed (train.resume), or None for a fresh model."""
+    if not start_step:
+        return None
+    from dmoe.checkpoint.commit import resolve_checkpoint
+
+    return {"checkpoint": str(resolve_checkpoint(cfg.train.resume, cfg.train.run_dir)), "step": start_step}
 
 
 def _measured_drop(records: list[dict]) -> float:

@@ -17,6 +17,8 @@ import argparse
 import logging
 import sys
 
+from dmoe.tools.help_format import HelpFormatter
+
 
 def load_dense(src: str):
     """(config, whole parameters, checkpoint dir) of a checkpoint."""
@@ -29,12 +31,14 @@ def load_dense(src: str):
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="dmoe upcycle", description=__doc__.splitlines()[0])
-    p.add_argument("dense")
-    p.add_argument("out")
-    p.add_argument("--num-experts", type=int, required=True)
-    p.add_argument("--top-k", type=int, required=True)
-    p.add_argument("--noise", type=float, default=0.0)
+    p = argparse.ArgumentParser(prog="dmoe upcycle", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("dense", help="the dense checkpoint (or its run dir)")
+    p.add_argument("out", help="new run directory")
+    p.add_argument("--num-experts", type=int, required=True, help="experts per MoE layer (E)")
+    p.add_argument("--top-k", type=int, required=True, help="experts per token (K)")
+    p.add_argument("--noise", type=float, default=0.0,
+                   help="Gaussian noise on the copies, x the weight's std")
     p.add_argument("--every", type=int, default=1, help="an MoE FFN every N blocks (moe.every)")
     p.add_argument("--seed", type=int, default=0, help="router init and noise")
     a, overrides = p.parse_known_args(argv)

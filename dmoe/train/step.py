@@ -43,6 +43,9 @@ class StepResult:
     lr: float
     grad_norm: float | None  # None where the engine reports none
     nonfinite: str | None = None  # "loss", "grad_norm" or both (all ranks agree), else None
+    # routed rows per MoE layer and expert, summed over the micro-batches and DP, where the
+    # step computed them (the loss-free bias update); else None
+    routed_LE: torch.Tensor | None = None
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -77,23 +80,32 @@ def train_step(engine: Engine, data: TokenData, cfg: Config, groups: ProcessGrou
         engine.backward(out.loss)
         norm = engine.step(lr)
         outputs.append(out)
+    routed_LE = None
     if cfg.moe.bias_update_rate > 0:
-        update_router_biases(engine.module, outputs, groups, cfg.moe.bias_update_rate)
-    return StepResult(outputs, lr, norm, engine.nonfinite)
+        routed_LE = update_router_biases(engine.module, outputs, groups, cfg.moe.bias_update_rate)
+    return StepResult(outputs, lr, norm, engine.nonfinite, routed_LE)
 
 
-def update_router_biases(model: torch.nn.Module, outputs: list[ModelOutput], groups: ProcessGroups,
-                         rate: float) -> None:
-    """Every router's loss-free balancing step from this step's routed counts, summed over
-    the micro-batches and the DP ranks (EP ranks are DP ranks; under TP the layer's counts
-    are already whole-batch), so all ranks apply the same update. One all-reduce over DP."""
-    routers = [m.router for m in model.modules() if isinstance(m, MoELayer)]
+def routed_over_dp(outputs: list[ModelOutput], groups: ProcessGroups) -> torch.Tensor:
+    """[L, E] float64 routed rows of this step, summed over the micro-batches and the DP
+    ranks (EP ranks are DP ranks; under TP the layer's counts are already whole-batch), so
+    every rank holds the same counts. One all-reduce over DP."""
     routed_LE = torch.stack([torch.stack([s.routed_E for s in out.moe_stats]) for out in outputs])
     routed_LE = routed_LE.sum(0).to(torch.float64)
     if groups.size("dp") > 1:
         dist.all_reduce(routed_LE, group=groups.dp)
+    return routed_LE
+
+
+def update_router_biases(model: torch.nn.Module, outputs: list[ModelOutput], groups: ProcessGroups,
+                         rate: float) -> torch.Tensor:
+    """Every router's loss-free balancing step from this step's routed counts over DP
+    (`routed_over_dp`), so all ranks apply the same update; returns those counts."""
+    routers = [m.router for m in model.modules() if isinstance(m, MoELayer)]
+    routed_LE = routed_over_dp(outputs, groups)
     for router, routed_E in zip(routers, routed_LE):
         update_expert_bias(router.expert_bias, routed_E, rate)
+    return routed_LE
 
 
 @torch.no_grad()

@@ -15,21 +15,24 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dmoe.checkpoint.commit import resolve_checkpoint
 from dmoe.checkpoint.load import check_fresh_start, maybe_resume
 from dmoe.checkpoint.save import save_checkpoint
 from dmoe.config import Config, ConfigError, save_config
 from dmoe.data.token_files import TokenData, prepare
-from dmoe.model.transformer import ModelOutput, MoETransformer
+from dmoe.model.local_build import build_local_model
 from dmoe.parallel import comm_trace
 from dmoe.parallel.layout import ParallelLayout, ProcessGroups, build_process_groups
-from dmoe.parallel.parallelize import parallelize
 from dmoe.startup.launchers import LaunchInfo
 from dmoe.startup.signals import Interrupted, StopOnSignal, signal_name
 from dmoe.startup.watchdog import Watchdog
 from dmoe.train.engines import Engine, build_engine
 from dmoe.train.metrics import MetricsSink
+from dmoe.train.monitor import TrainMonitor
 from dmoe.train.nonfinite import NonFiniteError, safe_exp
-from dmoe.train.step import StepResult, evaluate, mean_over_dp, tokens_per_step, train_step
+from dmoe.train.run_series import start_series
+from dmoe.train.step import evaluate, tokens_per_step, train_step
+from dmoe.train.wandb_sink import WandbSink, check_wandb
 
 log = logging.getLogger(__name__)
 
@@ -55,51 +58,10 @@ def build(cfg: Config, info: LaunchInfo, device: torch.device, engine_name: str
     layout = ParallelLayout(info.world_size, tp=cfg.parallel.tp, ep=cfg.parallel.ep)
     layout.validate(cfg.moe.num_experts)
     groups = build_process_groups(layout, info.rank)
-    torch.manual_seed(cfg.train.seed)  # same full model on every rank, then sharded
-    model = MoETransformer(cfg)
-    parallelize(model, groups)
+    # only this rank's shard, bit for bit what the seeded full build then sharding gives
+    model = build_local_model(cfg, groups)
     model.to(device)
     return build_engine(engine_name, model, cfg, groups), groups, layout
-
-
-def _sum_over_dp(t: torch.Tensor, groups: ProcessGroups) -> torch.Tensor:
-    t = t.to(torch.float64).clone()
-    if groups.size("dp") > 1:
-        dist.all_reduce(t, group=groups.dp)
-    return t
-
-
-def moe_figures(outputs: list[ModelOutput], groups: ProcessGroups) -> tuple[dict, dict]:
-    """Drop fraction and per-layer expert load, summed over DP ranks."""
-    stats = [s for out in outputs for s in out.moe_stats]
-    if not stats:
-        return {}, {}
-    n_layers = len(outputs[0].moe_stats)
-    routed = torch.stack([s.routed_E for s in stats]).view(len(outputs), n_layers, -1).sum(0)
-    kept = torch.stack([s.kept_E for s in stats]).view(len(outputs), n_layers, -1).sum(0)
-    routed, kept = _sum_over_dp(routed, groups), _sum_over_dp(kept, groups)
-    load = routed / routed.sum(-1, keepdim=True).clamp(min=1)
-    scalars = {
-        "drop_frac": float(1 - kept.sum() / routed.sum().clamp(min=1)),
-        "load_max_over_mean": float((load.max(-1).values * load.shape[-1]).mean()),
-    }
-    lists = {"expert_load": routed.sum(0).tolist(),
-             "drop_frac_per_layer": (1 - kept.sum(-1) / routed.sum(-1).clamp(min=1)).tolist(),
-             "load_max_over_mean_per_layer": (load.max(-1).values * load.shape[-1]).tolist()}
-    return scalars, lists
-
-
-def _train_figures(result: StepResult, groups: ProcessGroups, device: torch.device,
-                   tokens_per_s: float) -> tuple[dict, dict]:
-    names = ("loss", "ce_loss", "aux_loss", "z_loss", "seq_aux_loss")
-    outputs = result.outputs
-    means = [sum(float(getattr(o, n).detach()) if getattr(o, n) is not None else 0.0
-                 for o in outputs) / len(outputs) for n in names]
-    scalars = dict(zip(names, mean_over_dp(means, groups, device)))
-    moe_scalars, lists = moe_figures(outputs, groups)
-    scalars.update(moe_scalars, lr=result.lr, grad_norm=result.grad_norm or 0.0,
-                   tokens_per_s=tokens_per_s)
-    return scalars, lists
 
 
 def _on_nonfinite(cfg: Config, engine: str, step: int, what: str, skipped: int) -> int:
@@ -118,6 +80,7 @@ def _on_nonfinite(cfg: Config, engine: str, step: int, what: str, skipped: int) 
 
 def train(cfg: Config, info: LaunchInfo, device: torch.device, engine_name: str) -> dict:
     check_fresh_start(cfg, info.rank)  # before anything is written into run_dir
+    check_wandb(cfg)  # every rank: one line before anything starts
     data = prepare_data(cfg, info)
     engine, groups, layout = build(cfg, info, device, engine_name)
     watchdog = Watchdog(cfg.parallel.timeout_s, info.rank, groups)  # parallel.timeout_s; 0: off
@@ -145,15 +108,20 @@ def _train_loop(cfg: Config, info: LaunchInfo, device: torch.device, data: Token
     run_dir = Path(t.run_dir)
     start = maybe_resume(cfg, engine, groups)  # 0: fresh start
     watchdog.beat(start)
+    series = wandb = None
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         log.info("engine %s, launcher %s, %s", engine.name, info.launcher, layout.describe().splitlines()[0])
         log.info("parameters: %s", engine.module.num_params())
-    sink = MetricsSink(run_dir, t.steps, enabled=info.rank == 0,
-                       console=os.environ.get("DMOE_NO_PROGRESS") != "1")
+        series = start_series(run_dir, start, resolve_checkpoint(t.resume, t.run_dir) if start else None)
+        wandb = WandbSink.open(cfg, run_dir, resumed=start > 0)
     tokens = tokens_per_step(cfg, groups)
-    history, t0, window_t0 = {"val": []}, time.time(), time.time()
+    monitor = TrainMonitor(cfg, engine.module, groups, device, tokens)
+    watchdog.beat()
+    sink = MetricsSink(run_dir, t.steps, enabled=info.rank == 0,
+                       console=os.environ.get("DMOE_NO_PROGRESS") != "1", series=series, extra=(wandb,))
+    history, t0 = {"val": []}, time.time()
     skipped, stopped_at = 0, None
 
     def eval_and_log(step: int) -> None:
@@ -166,14 +134,14 @@ def _train_loop(cfg: Config, info: LaunchInfo, device: torch.device, data: Token
         eval_and_log(start)
         for step in range(start + 1, t.steps + 1):
             watchdog.beat(step)
-            result = train_step(engine, data, cfg, groups, device, step)
+            log_step = step % t.log_every == 0 or step == t.steps
+            with monitor.timed(step, log_step):
+                result = train_step(engine, data, cfg, groups, device, step)
             if result.nonfinite:
                 skipped = _on_nonfinite(cfg, engine.name, step, result.nonfinite, skipped)
-            if step % t.log_every == 0 or step == t.steps:
-                steps_in_window = t.log_every if step % t.log_every == 0 else step % t.log_every
-                rate = tokens * steps_in_window / max(time.time() - window_t0, 1e-9)
-                sink.log(step, *_train_figures(result, groups, device, rate))
-                window_t0 = time.time()
+            monitor.after_step(step, result, info.rank)
+            if log_step:
+                sink.log(step, *monitor.figures(result))
             else:
                 sink.advance(step)
             if step % t.eval_every == 0 or step == t.steps:

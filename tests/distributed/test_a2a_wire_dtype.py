@@ -11,7 +11,7 @@ from dmoe.parallel.expert_parallel.apply import shard_moe_layer
 from tests._dist import run_ranks
 
 
-def _run(rank, world, dedup):
+def _run(rank, world, dedup, chunks=1):
     sent = []
     real = comm_trace.all_to_all_single
 
@@ -22,7 +22,8 @@ def _run(rank, world, dedup):
 
     comm_trace.all_to_all_single = spy
     torch.manual_seed(0)
-    layer = shard_moe_layer(MoELayer(16, 4, 2, 32, CapacitySettings(None, None, 0, "position")), dedup=dedup)
+    layer = shard_moe_layer(MoELayer(16, 4, 2, 32, CapacitySettings(None, None, 0, "position")), dedup=dedup,
+                            chunks=chunks)
     x = torch.randn(1, 10, 16, generator=torch.Generator().manual_seed(rank)).requires_grad_()
     y_ref, _ = layer(x)
     plain = list(sent)
@@ -34,9 +35,10 @@ def _run(rank, world, dedup):
     return plain, sent, y.dtype, err
 
 
-@pytest.mark.parametrize("dedup", [False, True])
-def test_bf16_autocast_sends_bf16(dedup):
-    for plain, sent, y_dtype, err in run_ranks(_run, 2, args=(dedup,), timeout=90):
+@pytest.mark.parametrize("dedup,chunks", [(False, 1), (True, 1), (False, 2)])
+def test_bf16_autocast_sends_bf16(dedup, chunks):
+    # chunks: the overlapped path (parallel.a2a_chunks) sends its chunks in bf16 too
+    for plain, sent, y_dtype, err in run_ranks(_run, 2, args=(dedup, chunks), timeout=90):
         assert {d for _, d in plain} == {torch.float32}
         assert {n for n, _ in sent} == {"a2a_dispatch", "a2a_combine"}
         assert {d for _, d in sent} == {torch.bfloat16}

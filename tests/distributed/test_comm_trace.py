@@ -56,7 +56,9 @@ def test_byte_counts_match_routing():
         assert c["send_bytes"] == d["recv_bytes"] and c["recv_bytes"] == d["send_bytes"]
         assert ev[("a2a_dispatch", "bwd")]["send_bytes"] == d["recv_bytes"]
         assert ev[("a2a_combine", "bwd")]["send_bytes"] == d["send_bytes"]
-        assert ev[("a2a_counts", "fwd")]["send_bytes"] == [2 * 8, 2 * 8]  # 2 local experts, int64
+        # per peer: 2 local experts' counts + the 4-field header (layer id, D, dtype, local
+        # experts) that every rank checks before rows move; int64
+        assert ev[("a2a_counts", "fwd")]["send_bytes"] == [(2 + 4) * 8, (2 + 4) * 8]
         waits = [e for e in r["events"] if e["op"] == "barrier"]
         assert len(waits) == 5  # before counts, dispatch, combine and the two backward ones
 

@@ -45,15 +45,16 @@ def _syncs(layer, x):
     return forward, calls[0] - forward
 
 
-def _ep(rank, world, dedup):
-    layer = shard_moe_layer(make_layer(2, 1.0), dedup=dedup)
+def _ep(rank, world, dedup, chunks=1):
+    layer = shard_moe_layer(make_layer(2, 1.0), dedup=dedup, chunks=chunks)
     x, _ = make_tokens(rank, 9 + rank)
     return _syncs(layer, x.view(1, -1, x.shape[-1]).requires_grad_())
 
 
-@pytest.mark.parametrize("dedup", [False, True])
-def test_expert_parallel_dispatch_syncs_once(dedup):
-    assert run_ranks(_ep, 2, args=(dedup,), timeout=90) == [(1, 0), (1, 0)]
+@pytest.mark.parametrize("dedup,chunks", [(False, 1), (True, 1), (False, 3)])
+def test_expert_parallel_dispatch_syncs_once(dedup, chunks):
+    # chunks: the overlapped pipeline (parallel.a2a_chunks) cuts its chunks on the host
+    assert run_ranks(_ep, 2, args=(dedup, chunks), timeout=90) == [(1, 0), (1, 0)]
 
 
 def test_local_dispatch_syncs_once():

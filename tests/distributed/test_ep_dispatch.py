@@ -63,9 +63,9 @@ def reference(rank, world, k, cf, counts, hot, exact):
     return y, x_grad, grads, stats
 
 
-def _ep_vs_local(rank, world, k, cf, counts, hot, exact, dedup=False):
+def _ep_vs_local(rank, world, k, cf, counts, hot, exact, dedup=False, chunks=1):
     y_ref, xg_ref, g_ref, stats_ref = reference(rank, world, k, cf, counts, hot, exact)
-    layer = shard_moe_layer(make_layer(k, cf, hot, exact), dedup=dedup)
+    layer = shard_moe_layer(make_layer(k, cf, hot, exact), dedup=dedup, chunks=chunks)
     received = []  # rows this rank's experts were given
     layer.experts.register_forward_pre_hook(lambda _, args: received.append(sum(args[1])))
     y, xg, grads, stats = run_layer(layer, *make_tokens(rank, counts[rank], hot))
@@ -77,12 +77,13 @@ def _ep_vs_local(rank, world, k, cf, counts, hot, exact, dedup=False):
     diffs = {"y": (y - y_ref), "x.grad": (xg - xg_ref)}
     diffs.update({name: grads[name] - g_ref[name] for name in g_ref})
     diffs = {name: float(d.abs().max()) if d.numel() else 0.0 for name, d in diffs.items()}
-    return diffs, int(stats.dropped), layer.experts.w1.shape[0], received[0]
+    assert len(received) == chunks  # chunked: the experts run once per chunk
+    return diffs, int(stats.dropped), layer.experts.w1.shape[0], sum(received)
 
 
-def check(world, k, cf, counts, hot=None, exact=True, tol=1e-12, dedup=False):
+def check(world, k, cf, counts, hot=None, exact=True, tol=1e-12, dedup=False, chunks=1):
     """Runs the comparison on `world` ranks; returns (total dropped, rows received per rank)."""
-    results = run_ranks(_ep_vs_local, world, (k, cf, counts, hot, exact, dedup), timeout=60)
+    results = run_ranks(_ep_vs_local, world, (k, cf, counts, hot, exact, dedup, chunks), timeout=60)
     for diffs, _, num_local, _ in results:
         assert num_local == E // world
         bad = {n: d for n, d in diffs.items() if d > tol}

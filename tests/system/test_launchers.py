@@ -19,7 +19,8 @@ def check_run(run_dir, world_size, engine):
     assert [r["step"] for r in train] == [4, 8, 12]
     for r in train:
         assert 0.0 <= r["drop_frac"] < 1.0 and r["tokens_per_s"] > 0
-        assert len(r["expert_load"]) == 4 and sum(r["expert_load"]) > 0
+        assert [len(x) for x in r["expert_load_per_layer"]] == [4, 4]  # per MoE layer
+        assert all(sum(x) > 0 for x in r["expert_load_per_layer"]) and r["step_ms"] > 0
     assert (run_dir / "config.yaml").exists()
     assert glob.glob(str(run_dir / "tensorboard" / "events.out.tfevents.*"))
 

@@ -25,7 +25,7 @@ def test_profile_two_ranks_ep(tmp_path, data_dir):
     names = {e.get("name") for e in trace["traceEvents"]}
     assert {"moe0/route", "moe0/dispatch", "moe0/experts", "moe0/combine"} <= names
     html = (tmp_path / "report.html").read_text()
-    assert html.count("<svg") >= 4 and "expert load" in html
+    assert html.count("data:image/png;base64,") >= 4 and "expert load" in html
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -39,7 +39,9 @@ def test_tune_capacity_single_rank(tmp_path, data_dir):
     assert res["drop"] == sorted(res["drop"], reverse=True)  # more capacity, fewer drops
     override = yaml.safe_load((tmp_path / "capacity.yaml").read_text())
     assert override["moe"]["capacity_factor"] == res["recommended"]
-    assert "drop fraction vs capacity factor" in (tmp_path / "report.html").read_text()
+    html = (tmp_path / "report.html").read_text()
+    assert "drop fraction vs capacity factor" in html and html.count("data:image/png;base64,") >= 3
+    assert "Timed runs: default + " in html and "a fresh model" in html
 
 
 def test_bench_comm_two_ranks(tmp_path):
@@ -49,6 +51,7 @@ def test_bench_comm_two_ranks(tmp_path):
     rows = json.loads((tmp_path / "bench_comm.json").read_text())["rows"]
     assert [r["bytes"] for r in rows] == [4096, 16384, 65536]
     assert all(abs(r["busbw_gbps"] - r["algbw_gbps"] / 2) < 1e-9 for r in rows)
+    assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") == 2
 
 
 def test_profile_a_trained_checkpoint(tmp_path, data_dir):

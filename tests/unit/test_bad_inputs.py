@@ -70,7 +70,11 @@ CHECKPOINT_CASES = [
 
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bad")
+    return make_scratch(tmp_path_factory.mktemp("bad"))
+
+
+def make_scratch(tmp):
+    """The files the cases name (also used by tests/system/test_bad_input_table_launchers.py)."""
     (tmp / "afile").write_text("x")
     (tmp / "dup.yaml").write_text("train:\n  steps: 5\n  lr: 0.1\n  lr: 0.2\n")
     good = {"format": "dmoe-checkpoint/1", "step": 1, "layout": {"world_size": 1, "tp": 1, "ep": 1, "dp": 1},
@@ -88,12 +92,15 @@ def scratch(tmp_path_factory):
     return tmp
 
 
-def _run(argv, scratch, capsys):
-    argv = [a.replace("{tmp}", str(scratch)) for a in argv]
-    base = [f"--train.run_dir={scratch}/run", f"--data.data_dir={scratch}/data", "--data.max_corpus_mb=1",
+def base_args(scratch) -> list[str]:
+    return [f"--train.run_dir={scratch}/run", f"--data.data_dir={scratch}/data", "--data.max_corpus_mb=1",
             "--train.steps=1", "--train.eval_batches=1", "--model.d_model=16", "--model.n_layers=1",
             "--model.seq_len=16", "--train.micro_batch_size=2"]
-    code = main(["train", *base, *argv])
+
+
+def _run(argv, scratch, capsys):
+    argv = [a.replace("{tmp}", str(scratch)) for a in argv]
+    code = main(["train", *base_args(scratch), *argv])
     return code, capsys.readouterr().err
 
 

@@ -20,7 +20,8 @@ def test_dropless_and_int_to_float():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (["--moe.capacity_facter=1.5"], "unknown config key 'moe.capacity_facter'; valid keys: num_experts"),
+        (["--moe.capacity_facter=1.5"], "unknown config key 'moe.capacity_facter' (did you mean "
+                                        "moe.capacity_factor?); valid keys: num_experts"),
         (["--nope.x=1"], "unknown config key 'nope'"),
         (["--moe.num_experts=abc"], "moe.num_experts must be int, got 'abc' (str)"),
         (["--moe.num_experts=true"], "moe.num_experts must be int, got True (bool)"),

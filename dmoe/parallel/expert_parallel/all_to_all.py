@@ -54,3 +54,78 @@ def all_to_all(
     if sum(input_splits) != x_ND.shape[0]:
         raise ValueError(f"input_splits sum to {sum(input_splits)}, x has {x_ND.shape[0]} rows")
     return _AllToAll.apply(x_ND, output_splits, input_splits, group, tag)
+
+
+# ------------------------------------------------------------------ split-phase (async)
+class InFlight:
+    """The pending work of one split-phase all-to-all: `fwd` between start and wait in
+    forward, `bwd` (work, receive buffer, sent tensor) between the two halves' backwards
+    (which run in the opposite order)."""
+
+    __slots__ = ("bwd", "fwd")
+
+    def __init__(self):
+        self.fwd = self.bwd = None
+
+
+class _Start(torch.autograd.Function):
+    """Forward issues the all-to-all (async) into a fresh buffer; backward waits for the
+    gradient exchange that `_Wait`'s backward issued."""
+
+    @staticmethod
+    def forward(ctx, x_ND, output_splits, input_splits, group, tag, flight):
+        out_ND = x_ND.new_empty((sum(output_splits),) + tuple(x_ND.shape[1:]))
+        flight.fwd = comm_trace.all_to_all_single(
+            out_ND, x_ND.contiguous(), list(output_splits), list(input_splits), group=group,
+            tag=tag, async_op=True)
+        ctx.flight = flight
+        return out_ND
+
+    @staticmethod
+    def backward(ctx, _):
+        # the incoming gradient is _Wait.backward's pass-through; the real one is arriving
+        work, grad_x_ND, _sent = ctx.flight.bwd
+        work.wait()
+        ctx.flight.bwd = None
+        return grad_x_ND, None, None, None, None, None
+
+
+class _Wait(torch.autograd.Function):
+    """Forward waits for `_Start`'s exchange; backward issues the gradient's exchange
+    (splits swapped, async) into a buffer that `_Start.backward` waits for and returns."""
+
+    @staticmethod
+    def forward(ctx, out_ND, output_splits, input_splits, group, tag, flight):
+        flight.fwd.wait()
+        flight.fwd = None
+        ctx.splits, ctx.group, ctx.tag, ctx.flight = (output_splits, input_splits), group, tag, flight
+        return out_ND.view_as(out_ND)
+
+    @staticmethod
+    def backward(ctx, grad_out_ND):
+        output_splits, input_splits = ctx.splits
+        grad_x_ND = grad_out_ND.new_empty((sum(input_splits),) + tuple(grad_out_ND.shape[1:]))
+        sent_ND = grad_out_ND.contiguous()
+        work = comm_trace.all_to_all_single(
+            grad_x_ND, sent_ND, list(input_splits), list(output_splits),
+            group=ctx.group, tag=ctx.tag, async_op=True)
+        ctx.flight.bwd = (work, grad_x_ND, sent_ND)  # sent_ND alive until the wait
+        return sent_ND, None, None, None, None, None
+
+
+def start_all_to_all(x_ND: torch.Tensor, output_splits: list[int], input_splits: list[int],
+                     group, tag: CommTag) -> tuple[torch.Tensor, InFlight]:
+    """Split-phase `all_to_all`: issues it and returns (buffer, flight) at once; read the
+    rows only through `wait_all_to_all(buffer, flight, ...)`. In backward the two halves
+    swap roles: the wait's backward issues the gradient exchange, the start's backward
+    waits for it, so the compute that autograd runs between them overlaps it."""
+    if sum(input_splits) != x_ND.shape[0]:
+        raise ValueError(f"input_splits sum to {sum(input_splits)}, x has {x_ND.shape[0]} rows")
+    flight = InFlight()
+    return _Start.apply(x_ND, output_splits, input_splits, group, tag, flight), flight
+
+
+def wait_all_to_all(out_ND: torch.Tensor, flight: InFlight, output_splits: list[int],
+                    input_splits: list[int], group, tag: CommTag) -> torch.Tensor:
+    """The received rows of `start_all_to_all` (same splits, group and tag)."""
+    return _Wait.apply(out_ND, output_splits, input_splits, group, tag, flight)

@@ -12,7 +12,8 @@ and with group-limited routing where moe.num_groups == parallel.ep, U <= topk_gr
 
 Same `Dispatcher` protocol and ownership (dmoe.parallel.layout.expert_range) as the plain
 dispatcher; capacity is decided per (token, expert) on the sending rank exactly as there.
-Communication, forward (numbered as in `dispatch`): (2) counts [S, L+1] int, (3) U token
+Communication, forward (numbered as in `dispatch`): (2) counts [S, L+1] int plus the
+checked header (dispatcher.HEADER), (3) U token
 rows, (4) N row indices int, (5) N gates; combine (7) U result rows back. Backward: the
 row, gate and result all-to-alls in reverse. Host syncs: one `.tolist()` of the counts;
 the unique rows are found with a sort and a cumsum over
@@ -75,15 +76,13 @@ class DedupAllToAllDispatcher(ExpertParallelDispatcher):
         first_u_S = torch.cumsum(send_u_S, 0) - send_u_S
         local_u_N = inverse_N - first_u_S[owner_N.clamp(max=ep - 1)]  # index in the destination's block
         # 2. Counts: per destination, rows per local expert and unique token rows.
+        #    (exchange_counts checks the peers' headers and does the one host sync)
         send_SX = torch.cat([plan.counts_E.reshape(ep, L), send_u_S.unsqueeze(1)], 1)
-        recv_SX = torch.empty_like(send_SX)
-        comm_trace.all_to_all_single(recv_SX, send_SX.contiguous(), group=self.ep_group,
-                                     tag=self._tag("a2a_counts"))
+        recv_SX, send_rows, recv_rows = self.exchange_counts(send_SX, x_TD)
         recv_SL = recv_SX[:, :L]
-        flat = torch.cat([send_SX[:, :L].sum(1), send_u_S, recv_SL.sum(1), recv_SX[:, L],
-                          recv_SL.sum(0)]).tolist()  # the one host sync
-        send_n, send_u, recv_n, recv_u = (flat[i * ep:(i + 1) * ep] for i in range(4))
-        counts_L = flat[4 * ep:]
+        send_n, send_u = [sum(r[:L]) for r in send_rows], [r[L] for r in send_rows]
+        recv_n, recv_u = [sum(r[:L]) for r in recv_rows], [r[L] for r in recv_rows]
+        counts_L = [sum(r[l] for r in recv_rows) for l in range(L)]
         kept, U = sum(send_n), sum(send_u)
         token_idx_N, gate_N, local_u_N = token_idx_N[:kept], gate_N[:kept], local_u_N[:kept]
         # the token of each unique row: the first sorted row of each key writes it (the

@@ -29,6 +29,7 @@ from torch import nn
 
 from dmoe.parallel import param_roles
 from dmoe.parallel.layout import ProcessGroups
+from dmoe.startup.deepspeed_shm import release_own_buffer
 
 
 def register_expert_groups(groups: ProcessGroups) -> None:
@@ -146,6 +147,8 @@ def initialize(model: nn.Module, groups: ProcessGroups, param_groups: list[dict]
             model=model, model_parameters=param_groups, config=config, mpu=DeepSpeedMPU(groups),
             dist_init_required=False,
         )
+    # DeepSpeed's CPU shm all-reduce buffer (one per rank, never unlinked): off /dev/shm now
+    release_own_buffer(groups.rank, dist.group.WORLD)
     if has_experts and not getattr(optimizer, "has_moe_layers", True):
         raise RuntimeError(f"deepspeed {deepspeed.__version__} did not take dmoe's expert groups "
                            "(optimizer.has_moe_layers is False): expert grads would mix shards")
