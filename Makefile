@@ -26,12 +26,15 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements.txt constraints.txt Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	@# torch first, at constraints.txt's version: the CPU wheel (PyTorch's CPU index, no CUDA
-	@# stack) on CPU machines, PyPI's CUDA build with a GPU; a torch already here is kept
+	@# stack) on CPU machines, PyPI's CUDA build with a GPU; a torch already here is kept.
+	@# The CPU index only when it answers (a mirror-only machine would retry it per package).
 	if ! $(PY) -c "import torch" 2>/dev/null; then \
 	  if [ "$(GPUS)" != "0" ]; then $(PIP) install -q -c constraints.txt torch; \
-	  else $(PIP) install -q -c constraints.txt torch --extra-index-url $(TORCH_CPU_INDEX); fi; fi
+	  elif $(PY) -c "import sys, urllib.request as u; u.urlopen(sys.argv[1], timeout=5)" $(TORCH_CPU_INDEX)/ 2>/dev/null; then \
+	    $(PIP) install -q -c constraints.txt torch --extra-index-url $(TORCH_CPU_INDEX); \
+	  else $(PIP) install -q -c constraints.txt torch; fi; fi
 	@# everything else pinned by constraints.txt, with the venv's own torch: nothing may swap the build
-	{ $(PY) -c "import torch; print('torch==' + torch.__version__)" && grep -v '^torch==' constraints.txt; } > $(PINS)
+	{ $(PY) -c "from importlib.metadata import version; print('torch==' + version('torch'))" && grep -v '^torch==' constraints.txt; } > $(PINS)
 	$(PIP) install -q -c $(PINS) -r requirements.txt
 	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation -c $(PINS) deepspeed
 	$(PY) -c "import transformers as t, sys; sys.exit(t.__version__ != '$(subst transformers==,,$(TRANSFORMERS))')" 2>/dev/null || \

@@ -12,7 +12,8 @@ is a model of what each engine keeps:
   split over the data-parallel ranks that hold the parameter (dp for dense, edp for expert
   ones); ZeRO 2 also splits the grads that way;
 - activations: what backward keeps for one micro-batch (micro_batch_size x seq_len tokens),
-  in the autocast dtype (bf16: 2 bytes, fp32: 4), counted tensor by tensor per block
+  in the autocast dtype (bf16: 2 bytes, fp32: 4; train.precision=auto resolved as the run
+  resolves it, from the device facts: bf16 on a GPU that has it), counted tensor by tensor per block
   (norm outputs, qkv, rotated q/k, attention output, FFN hidden, the MoE rows at top_k per
   token, router scores in fp32) plus the fp32 logits; activation checkpointing keeps each
   block's input and one block's worth. Communication buffers, the allocator's slack and
@@ -27,6 +28,7 @@ import torch
 from dmoe.config import Config
 from dmoe.model.flops import vocab_size
 from dmoe.parallel.layout import ParallelLayout
+from dmoe.startup.precision import DeviceFacts, choose_precision, device_facts
 
 FP32 = 4
 
@@ -75,14 +77,16 @@ def _with_vocab(cfg: Config) -> Config:
     return cfg
 
 
-def activation_bytes(cfg: Config, tp: int = 1) -> int:
-    """What backward keeps for one micro-batch on one rank (see the module doc)."""
+def activation_bytes(cfg: Config, tp: int = 1, facts: DeviceFacts | None = None) -> int:
+    """What backward keeps for one micro-batch on one rank (see the module doc); `facts`
+    (this machine's when None) resolve train.precision=auto."""
     from dmoe.model.transformer import is_moe_block
 
     m, e, t = cfg.model, cfg.moe, cfg.train
     T, D = t.micro_batch_size * m.seq_len, m.d_model
     H, G, R = m.n_heads, m.n_kv_heads or m.n_heads, m.head_dim or m.d_model // m.n_heads
-    b = 2 if t.precision == "bf16" else FP32
+    precision = choose_precision(t.precision, facts or device_facts())[0]
+    b = 2 if precision == "bf16" else FP32
     attn = 4 * T * D + T * (H + 2 * G) * R // tp + T * (H + G) * R // tp + T * H * R // tp
     attn += 2 * T * H * R // tp if G != H else 0  # k, v repeated for grouped-query heads
 
@@ -108,8 +112,10 @@ def activation_bytes(cfg: Config, tp: int = 1) -> int:
     return sum(blocks) + logits
 
 
-def estimate_memory(cfg: Config, layout: ParallelLayout, engine: str) -> MemoryEstimate:
-    """Bytes per rank for `engine` ("torch" or "deepspeed"; see the module doc)."""
+def estimate_memory(cfg: Config, layout: ParallelLayout, engine: str,
+                    facts: DeviceFacts | None = None) -> MemoryEstimate:
+    """Bytes per rank for `engine` ("torch" or "deepspeed"; see the module doc) on the device
+    `facts` describe (this machine's when None)."""
     dense, expert = params_per_rank(cfg, layout)
     n = dense + expert
     if engine == "deepspeed" and cfg.train.zero_stage >= 1:
@@ -118,4 +124,5 @@ def estimate_memory(cfg: Config, layout: ParallelLayout, engine: str) -> MemoryE
         grads = int(FP32 * (split if cfg.train.zero_stage >= 2 else n))
     else:  # the torch engine, or DeepSpeed's ZeRO 0 (its torch optimizer)
         optimizer, grads = 2 * FP32 * n, FP32 * n
-    return MemoryEstimate(dense, expert, FP32 * n, grads, optimizer, activation_bytes(cfg, layout.tp))
+    activations = activation_bytes(cfg, layout.tp, facts)
+    return MemoryEstimate(dense, expert, FP32 * n, grads, optimizer, activations)

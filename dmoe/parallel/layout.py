@@ -146,9 +146,9 @@ class ParallelLayout:
         ]
         for kind in GROUP_KINDS:
             groups = self.groups(kind)
-            listed = " ".join(map(str, groups))
+            listed = " ".join(str(g).replace(", ", ",") for g in groups)
             lines.append(f"{kind:<4} {len(groups)} x {len(groups[0])}: {listed}")
-        return "\n".join(lines).replace(", ", ",")
+        return "\n".join(lines)
 
 
 def _containing(groups: list[list[int]], rank: int) -> list[int]:

@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dmoe.tools.help_format import HelpFormatter
+from dmoe.tools.help_format import HelpFormatter, summary
 
 
 def analyze_checkpoint(checkpoint: str, data_dir: str, tokens_per_domain: int = 16384,
@@ -56,7 +56,7 @@ def analyze_checkpoint(checkpoint: str, data_dir: str, tokens_per_domain: int = 
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="dmoe analyze-routing", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="dmoe analyze-routing", description=summary(__doc__),
                                 formatter_class=HelpFormatter)
     p.add_argument("checkpoint",
                    help="a checkpoint, a run's checkpoints/ dir or a run dir (its latest)")

@@ -13,13 +13,13 @@ import sys
 
 from dmoe.checkpoint.errors import CheckpointError
 from dmoe.checkpoint.offline import export, reshard
-from dmoe.tools.help_format import HelpFormatter
+from dmoe.tools.help_format import HelpFormatter, summary
 
 
 def main(argv: list[str]) -> int:
     """Errors are one line on stderr, exit 2."""
     parser = argparse.ArgumentParser(prog="dmoe checkpoint", formatter_class=HelpFormatter,
-                                     description=__doc__.splitlines()[0])
+                                     description=summary(__doc__))
     sub = parser.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("reshard", help="write a checkpoint for another layout",
                        formatter_class=HelpFormatter)

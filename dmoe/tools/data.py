@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 from dmoe.config import ConfigError, load_config
-from dmoe.tools.help_format import HelpFormatter
+from dmoe.tools.help_format import HelpFormatter, summary
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="dmoe data prepare", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="dmoe data prepare", description=summary(__doc__),
                                      formatter_class=HelpFormatter)
     parser.add_argument("action", choices=["prepare"], help="what to do")
     parser.add_argument("paths", nargs="*",

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from dmoe.tools.help_format import HelpFormatter
+from dmoe.tools.help_format import HelpFormatter, summary
 
 log = logging.getLogger("dmoe.experiment")
 REPO = Path(__file__).resolve().parents[2]
@@ -156,7 +156,7 @@ def results_table(results: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="dmoe experiment", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="dmoe experiment", description=summary(__doc__),
                                 formatter_class=HelpFormatter)
     p.add_argument("name", choices=["btx"], help="the experiment")
     p.add_argument("--steps", type=int, default=1000, help="training steps per model (S)")

@@ -15,12 +15,12 @@ import sys
 
 from dmoe.checkpoint.errors import CheckpointError
 from dmoe.config import ConfigError
-from dmoe.tools.help_format import HelpFormatter
+from dmoe.tools.help_format import HelpFormatter, summary
 
 
 def main(argv: list[str]) -> int:
     """Errors are one line on stderr, exit 2."""
-    p = argparse.ArgumentParser(prog="dmoe export", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="dmoe export", description=summary(__doc__),
                                 formatter_class=HelpFormatter)
     p.add_argument("src", help="checkpoint dir, a run's checkpoints/ dir or a run dir (its latest)")
     p.add_argument("out", help="hf: new output directory; dmoe: output .safetensors file")

@@ -19,7 +19,7 @@ import sys
 
 from dmoe.checkpoint.errors import CheckpointError
 from dmoe.config import ConfigError
-from dmoe.tools.help_format import HelpFormatter
+from dmoe.tools.help_format import HelpFormatter, summary
 
 
 def _stop_ids(eos_id: int | None, checkpoint) -> tuple[int, ...]:
@@ -34,7 +34,7 @@ def _stop_ids(eos_id: int | None, checkpoint) -> tuple[int, ...]:
 
 def main(argv: list[str]) -> int:
     """Prints the continuation (or its ids) on stdout; errors one line on stderr, exit 2."""
-    p = argparse.ArgumentParser(prog="dmoe generate", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="dmoe generate", description=summary(__doc__),
                                 formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="checkpoint dir, a run's checkpoints/ dir, or a run dir")
     prompt = p.add_mutually_exclusive_group(required=True)

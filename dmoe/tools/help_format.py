@@ -11,3 +11,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None or action.nargs == 0:
             return action.help or ""
         return super()._get_help_string(action)
+
+
+def summary(doc: str | None) -> str:
+    """A module docstring's first paragraph as one line: a command's --help description."""
+    first = (doc or "").strip().split("\n\n", 1)[0]
+    return " ".join(first.split())

@@ -18,12 +18,12 @@ import sys
 
 from dmoe.checkpoint.errors import CheckpointError
 from dmoe.config import ConfigError
-from dmoe.tools.help_format import HelpFormatter
+from dmoe.tools.help_format import HelpFormatter, summary
 
 
 def main(argv: list[str]) -> int:
     """Errors are one line on stderr, exit 2; nothing is left in RUN_DIR."""
-    p = argparse.ArgumentParser(prog="dmoe import", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="dmoe import", description=summary(__doc__),
                                 formatter_class=HelpFormatter,
                                 epilog="any other --section.key=value is a config override")
     p.add_argument("hf_dir", help="an HF model directory: config.json + safetensors weights")

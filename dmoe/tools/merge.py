@@ -18,11 +18,11 @@ import argparse
 import logging
 import sys
 
-from dmoe.tools.help_format import HelpFormatter
+from dmoe.tools.help_format import HelpFormatter, summary
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="dmoe merge", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="dmoe merge", description=summary(__doc__),
                                 formatter_class=HelpFormatter)
     p.add_argument("paths", nargs="+", help="DENSE_1 ... DENSE_N OUT")
     p.add_argument("--top-k", type=int, default=None, help="default: min(2, N)")

@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from dmoe.tools.help_format import HelpFormatter
+from dmoe.tools.help_format import HelpFormatter, summary
 
 
 def load_dense(src: str):
@@ -31,7 +31,7 @@ def load_dense(src: str):
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="dmoe upcycle", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="dmoe upcycle", description=summary(__doc__),
                                 formatter_class=HelpFormatter)
     p.add_argument("dense", help="the dense checkpoint (or its run dir)")
     p.add_argument("out", help="new run directory")

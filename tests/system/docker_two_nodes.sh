@@ -57,7 +57,7 @@ stamp base_image
 ctx=$W/context
 rm -rf "$ctx"
 mkdir -p "$ctx/wheels" "$ctx/certs"
-(cd "$REPO" && cp -r dmoe launch configs docker requirements.txt pyproject.toml README.md .dockerignore "$ctx/")
+(cd "$REPO" && cp -r dmoe launch configs docker requirements.txt constraints.txt pyproject.toml README.md .dockerignore "$ctx/")
 # this machine's extra CA certificates (registries may be reached through a TLS proxy)
 cp /usr/local/share/ca-certificates/*.crt "$ctx/certs/" 2>/dev/null || true
 torch_spec=$("$REPO/.venv/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])")

@@ -1,10 +1,10 @@
-"""The 45 config cases of tests/unit/test_bad_inputs.py (values through CLI overrides and
-YAML, run/data dirs and data paths, layout mismatches) under torchrun and the deepspeed
-launcher with 2 ranks: each case is refused with one line from rank 0 only (none from rank
-1), naming the field or file and the value, a non-zero code on every rank, no traceback.
-The table's 7 checkpoint cases are not run here: they fail after the process group is up,
-and a second process group in the same rank process hung (the per-launcher checkpoint case
-is in test_bad_input_launchers.py).
+"""The 52 cases of tests/unit/test_bad_inputs.py (45 config cases: values through CLI
+overrides and YAML, run/data dirs and data paths, layout mismatches; 7 checkpoint cases:
+train.resume naming a missing, unreadable or malformed checkpoint) under torchrun and the
+deepspeed launcher with 2 ranks: each case is refused with one line from rank 0 only (none
+from rank 1), naming the field or file and the value, a non-zero code on every rank, no
+traceback. The checkpoint cases fail after the process group is up: the driver gives each
+case a group of its own (see bad_input_driver.py for why a second group needs it).
 
 One launcher job per launcher runs every case in turn (bad_input_driver.py): a launcher
 start per case cost ~10 s (torchrun) and ~20 s (deepspeed) here, 25 min for the table; the
@@ -19,7 +19,7 @@ import re
 
 import pytest
 
-from tests.unit.test_bad_inputs import CONFIG_CASES, base_args, make_scratch
+from tests.unit.test_bad_inputs import CHECKPOINT_CASES, CONFIG_CASES, base_args, make_scratch
 
 from .conftest import BIN, free_port, run_cmd
 
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.system
 CASES = [
     (["--parallel.tp=4"] if argv == ["--parallel.tp=2"] else argv, message)
     for argv, message in CONFIG_CASES
-]
+] + CHECKPOINT_CASES
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
@@ -60,7 +60,7 @@ def test_bad_input_table_under_launcher(tmp_path, launcher):
         )
     finally:
         for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
-            os.remove(f)  # none should exist: no case gets as far as DeepSpeed
+            os.remove(f)  # the checkpoint cases build the DeepSpeed engine (its CPU shm buffer)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert not re.search(r'File "[^"]*(/dmoe/|launch/train\.py|bad_input_driver)', out), out[-3000:]

@@ -30,3 +30,17 @@ def test_entrypoint_uses_c10d_rendezvous():
 def test_dockerignore_keeps_the_context_small():
     lines = set((REPO / ".dockerignore").read_text().split())
     assert {".git", ".venv", "runs", "data"} <= lines
+
+
+def test_image_installs_are_pinned_by_constraints_like_make_setup():
+    text = (REPO / "docker/Dockerfile").read_text()
+    assert re.search(r"^COPY [^\n]*\bconstraints\.txt\b", text, re.MULTILINE)
+    assert re.search(r"^ARG CONSTRAINTS=constraints\.txt$", text, re.MULTILINE)
+    installs = re.findall(r"pip install [^\n]*", text)
+    pinned = [line for line in installs if "-c /tmp/pins.txt" in line]
+    # torch, requirements.txt and deepspeed pinned; only dmoe itself (--no-deps) is not
+    unpinned = [line for line in installs if line not in pinned]
+    assert len(pinned) == 3 and all("--no-deps" in line for line in unpinned), installs
+    # the CI image build copies constraints.txt into its build context
+    script = (REPO / "tests/system/docker_two_nodes.sh").read_text()
+    assert re.search(r"cp -r [^\n]*\bconstraints\.txt\b[^\n]*\"\$ctx/\"", script)

@@ -1,4 +1,4 @@
-"""The MoELayer example of docs/first_hour.md, run as written: in one process, and under
+"""The MoELayer example of README.md, run as written: in one process, and under
 2 gloo ranks expert-parallel, where it must give the one-process loss and gradients (fp64,
 1e-12; the experts compute in fp64 too, so a mismatch is a dispatch bug, not rounding)."""
 import re
@@ -9,7 +9,7 @@ import torch
 import dmoe.moe.experts as experts_module
 from tests._dist import run_ranks
 
-DOC = Path(__file__).resolve().parents[2] / "docs" / "first_hour.md"
+DOC = Path(__file__).resolve().parents[2] / "README.md"
 SECTION = "## Using MoELayer in your own model"
 
 

@@ -47,6 +47,9 @@ def test_groups_partition_the_world(world, tp, ep):
 
 def test_describe_world8():
     text = ParallelLayout(8, tp=2, ep=2).describe()
+    assert text.splitlines()[0] == (
+        "world 8 = tp 2 x dp 4; experts in ep 2 shards, each held by edp 4 ranks "
+        "(rank = t + tp*(e + ep*d))")
     assert "ep   4 x 2: [0,2] [1,3] [4,6] [5,7]" in text
     assert "edp  2 x 4: [0,1,4,5] [2,3,6,7]" in text
     assert len(text.splitlines()) == 5

@@ -8,6 +8,7 @@ from dmoe.model.flops import count_params
 from dmoe.model.memory import activation_bytes, estimate_memory, params_per_rank
 from dmoe.model.transformer import MoETransformer
 from dmoe.parallel.layout import ParallelLayout
+from dmoe.startup.precision import DeviceFacts
 
 
 def _saved_bytes(cfg) -> int:
@@ -53,3 +54,20 @@ def test_zero_splits_optimizer_state_and_grads():
     assert torch_engine.optimizer == 8 * n and torch_engine.grads == 4 * n
     split = torch_engine.dense_params / 4 + torch_engine.expert_params / 2
     assert ds.optimizer == int(12 * split) and ds.grads == int(4 * split)
+
+
+@pytest.mark.parametrize("facts,resolved", [
+    (DeviceFacts(cuda=True, bf16=True, name="H100"), "bf16"),
+    (DeviceFacts(cuda=True, bf16=False, name="V100"), "fp32"),
+    (DeviceFacts(cuda=False), "fp32"),
+])
+def test_auto_precision_estimated_as_the_run_resolves_it(facts, resolved):
+    auto = load_config("default", ["--train.precision=auto"])
+    explicit = load_config("default", [f"--train.precision={resolved}"])
+    unlike = "fp32" if resolved == "bf16" else "bf16"
+    other = load_config("default", [f"--train.precision={unlike}"])
+    layout = ParallelLayout(2)
+    assert activation_bytes(auto, facts=facts) == activation_bytes(explicit, facts=facts)
+    assert activation_bytes(auto, facts=facts) != activation_bytes(other, facts=facts)
+    est = estimate_memory(auto, layout, "deepspeed", facts=facts)
+    assert est == estimate_memory(explicit, layout, "deepspeed", facts=facts)
