@@ -211,6 +211,24 @@ def parse_cf(text: str):
     return None if text in ("dropless", "none", "0") else float(text)
 
 
+def saved_bytes(fn, params) -> int:
+    """Bytes autograd keeps from the forward for the backward during fn(): the distinct
+    storages packed by saved-tensor hooks, `params` (the parameters and the input) left
+    out. A model with L such layers keeps L times this at the start of its backward."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(kept.values())
+
+
 def peak_live_bytes(fn) -> int:
     """High-water mark of live CPU tensor bytes during fn() above the level at its start
     (torch.profiler's memory events)."""

@@ -71,6 +71,7 @@ from moe_common import (  # noqa: E402  (bench/ is on sys.path: the script's dir
     layer_step,
     parse_cf,
     peak_live_bytes,
+    saved_bytes,
 )
 
 # glibc by default mmaps blocks over 32 MiB and returns them on free, so every step page-faults
@@ -255,6 +256,7 @@ def run_case(args, case: Case, seed=0):
         row[f"{name}_tok_s"] = tokens / wall[name]
         if not args.no_memory:
             row[f"{name}_peak_mib"] = peak_bytes(fns[name], params[name], dev) / 2**20
+            row[f"{name}_saved_mib"] = saved_bytes(fns[name], params[name]) / 2**20
         if name.startswith("dmoe"):
             row[f"{name}_overhead"] = wall[name] / wall[limit_name]
             row[f"{name}_overhead_cpu"] = cpu[name] / min(cpu[n] for n in limits)

@@ -34,12 +34,13 @@ def load(paths):
 
 # --metric: which figure of each implementation a panel shows (the limit has no fastest rep)
 METRICS = {"wall": ("_ms", "median wall"), "cpu": ("_cpu_ms", "median CPU time"),
-           "min": ("_min_ms", "fastest rep")}
+           "min": ("_min_ms", "fastest rep"), "mib": ("_peak_mib", "peak MiB")}
 
 
 def plot(rows, out, title, metric="wall"):
     suffix, what = METRICS[metric]
     rows = [{key: r.get(key[:-3] + suffix, r.get(key) if metric == "min" and key == "limit_ms" else None)
+             if metric != "mib" or key != "limit_ms" else None  # no limit in the memory plot
              for key in IMPLS} | {k: r[k] for k in ("k", "cf", "tokens", "experts")} for r in rows]
     impls = {key: style for key, style in IMPLS.items()
              if any(r.get(key) is not None for r in rows)}
@@ -69,7 +70,7 @@ def plot(rows, out, title, metric="wall"):
             if i == len(ks) - 1:
                 ax.set_xlabel("experts")
             if j == 0:
-                ax.set_ylabel(f"fwd+bwd ms ({what})")
+                ax.set_ylabel("fwd+bwd peak MiB" if metric == "mib" else f"fwd+bwd ms ({what})")
     experts = sorted({r["experts"] for r in rows})
     axes[0][0].set_xticks(experts, [str(e) for e in experts])
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -89,7 +90,8 @@ def main():
                    "fp32: dmoe vs DeepSpeed vs torchtitan vs the bare-expert limit")
     p.add_argument("--metric", choices=list(METRICS), default="wall",
                    help="median wall time (default), median CPU time (steadier on a loaded "
-                        "machine: time-slicing by other jobs is not counted), or fastest rep")
+                        "machine: time-slicing by other jobs is not counted), fastest rep, or "
+                        "peak activation memory (mib)")
     args = p.parse_args()
     plot(load(args.jsonl), args.out, args.title, args.metric)
 

@@ -77,7 +77,8 @@ def _with_vocab(cfg: Config) -> Config:
     return cfg
 
 
-def activation_bytes(cfg: Config, tp: int = 1, facts: DeviceFacts | None = None) -> int:
+def activation_bytes(cfg: Config, tp: int = 1, facts: DeviceFacts | None = None,
+                     ep: int = 1) -> int:
     """What backward keeps for one micro-batch on one rank (see the module doc); `facts`
     (this machine's when None) resolve train.precision=auto."""
     from dmoe.model.transformer import is_moe_block
@@ -99,8 +100,12 @@ def activation_bytes(cfg: Config, tp: int = 1, facts: DeviceFacts | None = None)
             blocks.append(b * (attn + mlp(m.ffn_dim, m.mlp_activation, T)))
             continue
         rows = T * e.top_k
-        experts = 2 * rows * D + (0 if t.activation_checkpointing == "experts"
-                                  else rows * e.expert_ffn_dim * (3 if e.activation == "swiglu" else 2))
+        # the expert outputs, the received rows under EP (the local path gathers them from
+        # x and keeps x), and the pre-activation h only (act(h) is recomputed in backward:
+        # dmoe/moe/act_mm.py, gather_mm.py, routed_mlp.py)
+        experts = (2 if ep > 1 else 1) * rows * D + (
+            0 if t.activation_checkpointing == "experts"
+            else rows * e.expert_ffn_dim * (2 if e.activation == "swiglu" else 1))
         shared = 0
         if e.num_shared_experts:
             width = e.num_shared_experts * (e.shared_expert_ffn_dim or e.expert_ffn_dim)
@@ -124,5 +129,5 @@ def estimate_memory(cfg: Config, layout: ParallelLayout, engine: str,
         grads = int(FP32 * (split if cfg.train.zero_stage >= 2 else n))
     else:  # the torch engine, or DeepSpeed's ZeRO 0 (its torch optimizer)
         optimizer, grads = 2 * FP32 * n, FP32 * n
-    activations = activation_bytes(cfg, layout.tp, facts)
+    activations = activation_bytes(cfg, layout.tp, facts, layout.ep)
     return MemoryEstimate(dense, expert, FP32 * n, grads, optimizer, activations)

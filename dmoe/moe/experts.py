@@ -8,17 +8,18 @@ results (bench/moe_layer.py --impls fused,loop,torch_grouped_mm compares them):
 
 - "fused": one autograd node for the whole MLP that walks the experts and runs
   matmul -> activation -> matmul on each expert's rows, then the mirror image in backward.
-  Its temporaries are per expert, so it never allocates the [N, H] activations whole:
-  with glibc's default malloc (which page-faults every block over 32 MiB back in on each
-  step) it was 5-20% faster than the two below; with a caching malloc it ties or loses
-  (~10% at 64 rows per expert).
-- "loop": two grouped matmuls (`grouped_mm`, a Python loop of torch.mm) around one
-  activation over all rows.
+  Its temporaries are per expert, so it never allocates the [N, H] activations whole; it
+  keeps each expert's pre-activation h and recomputes act(h) in backward. On the local
+  path it also gathers and combines (routed_mlp.py).
+- "loop": a grouped matmul (`grouped_mm`, a Python loop of torch.mm), then act(h) @ w2 as
+  one node that keeps h, not act(h) (act_mm.py).
 - "torch_grouped_mm": the same with torch._grouped_mm (a C++ loop of mm on CPU; fp32/bf16).
-- "auto" (default): on CPU "fused", or "torch_grouped_mm" below 256 rows per expert; on
-  CUDA "torch_grouped_mm" for bf16 on sm90+ (rows per expert padded to 16-byte alignment),
-  else "loop". Chosen per run with moe.experts_impl. With a caching malloc "torch_grouped_mm" was also up to ~10% faster
-  at 512+ rows per expert, but up to 20% slower with glibc's default, hence the split.
+- "auto" (default): on CPU the formulation measured fastest at the nearest (rows per
+  expert, local experts, d_model, d_ff) in impl_table.py; on CUDA "torch_grouped_mm" for
+  bf16 on sm90+ (rows per expert padded to 16-byte alignment), else "loop". Chosen per
+  run with moe.experts_impl. (With glibc's default malloc, which page-faults every block
+  over 32 MiB back in on each step, "fused" measured 5-20% faster than the other two on
+  2026-11-29; the table was measured with the caching malloc settings of bench/README.md.)
 
 In every formulation each expert's weight gradient is written into a slice of one stacked tensor, so
 backward stays O(E) (indexing `w[e]` per expert under autograd would instead allocate and
@@ -33,7 +34,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .act_mm import act_mm
 from .dispatcher import combine_rows
+from .gather_mm import gather_mm
+from .impl_table import nearest_cpu_impl
 from .mlp_math import act_backward as _act_backward
 from .mlp_math import act_forward as _act_forward
 from .mlp_math import weight_grad_buffer as _weight_grad_buffer
@@ -42,11 +46,6 @@ from .routed_mlp import routed_expert_mlp
 ACTIVATIONS = ("gelu", "swiglu")
 EXPERT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 IMPLS = ("auto", "fused", "loop", "torch_grouped_mm")
-# Below this many rows per expert "auto" takes torch._grouped_mm on CPU (bench/README.md).
-GROUPED_MM_MAX_ROWS_PER_EXPERT = 256
-# From this many local experts on, "auto" takes torch._grouped_mm whatever the rows: the
-# fused node's Python loop over experts would cost O(E) per call (fine-grained MoE).
-GROUPED_MM_MIN_EXPERTS = 32
 
 
 def _warn_if_slow_bf16(cpu_capability: str) -> None:
@@ -96,6 +95,19 @@ def grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: list[int]) -> to
     return _GroupedMM.apply(x_NI, w_EIO, counts)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: torch._grouped_mm's
+    backward refuses an expanded one (`y.sum().backward()` hands it strides [0, 0])."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def torch_grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: list[int],
                      row_multiple: int | None = None) -> torch.Tensor:
     """The same through torch._grouped_mm (cumulative int32 offsets, on x's device).
@@ -108,7 +120,7 @@ def torch_grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: list[int],
     padded = [-(-n // row_multiple) * row_multiple for n in counts]
     offs_E = torch.tensor(padded, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_NI.device)
     if padded == counts:
-        return torch._grouped_mm(x_NI, w_EIO, offs=offs_E)
+        return _ContiguousGrad.apply(torch._grouped_mm(x_NI, w_EIO, offs=offs_E))
     # row n of expert e goes to n + (padding of the experts before e): built on the device
     # from two small host lists (no host sync; repeat_interleave is told its output size)
     shift, acc = [], 0
@@ -122,57 +134,63 @@ def torch_grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: list[int],
     return torch._grouped_mm(x_PI, w_EIO, offs=offs_E).index_select(0, dest_N)
 
 
+def _needs_row_padding(x_NI: torch.Tensor, counts: list[int]) -> bool:
+    """Whether torch_grouped_mm would pad rows per expert (CUDA's 16-byte alignment)."""
+    multiple = max(1, 16 // x_NI.element_size()) if x_NI.device.type == "cuda" else 1
+    return any(n % multiple for n in counts)
+
+
 def pick_impl(device_type: str, dtype: torch.dtype, n_rows: int, num_local: int,
               widths: tuple[int, ...], capability: tuple[int, int] | None = None) -> str:
     """What impl="auto" runs (see the module docstring).
 
     CUDA: torch._grouped_mm (one kernel for all experts) for bf16 on sm90+ (its CUTLASS
-    kernel's requirement), else the loop of mm. CPU: the fused node, or torch._grouped_mm
-    for small row blocks per expert or many (fine-grained) experts, where it measured
-    faster (it takes fp32/bf16, 16-byte aligned widths, a non-empty batch)."""
+    kernel's requirement), else the loop of mm. CPU: the formulation measured fastest at
+    the nearest shape (impl_table.py); torch._grouped_mm only where it applies (fp32/bf16,
+    16-byte aligned widths, a non-empty batch). widths: (d_model, d_ff, first-matmul width)."""
     aligned = all(w % 8 == 0 for w in widths) and n_rows > 0
     if device_type == "cuda":
         sm90 = capability is not None and capability >= (9, 0)
         return "torch_grouped_mm" if dtype == torch.bfloat16 and sm90 and aligned else "loop"
     if device_type != "cpu":
         return "loop"
+    if n_rows == 0:
+        return "fused"
     grouped_ok = dtype in (torch.float32, torch.bfloat16) and aligned
-    small = n_rows < GROUPED_MM_MAX_ROWS_PER_EXPERT * max(1, num_local)
-    many = num_local >= GROUPED_MM_MIN_EXPERTS
-    return "torch_grouped_mm" if grouped_ok and (small or many) else "fused"
+    allowed = ("fused", "loop", "torch_grouped_mm") if grouped_ok else ("fused", "loop")
+    return nearest_cpu_impl(n_rows / max(1, num_local), num_local, widths[0], widths[1], allowed)
 
 
 class _ExpertMLP(torch.autograd.Function):
     """y[rows of e] = act(x[rows of e] @ w1[e]) @ w2[e], expert by expert.
 
-    Saves each expert's pre-activation h and activation a (what autograd would save for a
-    per-expert F.linear chain), so backward recomputes nothing.
+    Saves each expert's pre-activation h only, not its activation a = act(h): backward
+    recomputes a per expert (one GELU / SiLU*up over that expert's rows, bit-identical to
+    the forward's), which keeps N x F floats fewer alive while the stacked weight gradients
+    are allocated (bench/README.md, peak memory).
     """
 
     @staticmethod
     def forward(ctx, x_ND, w1_EDH, w2_EFD, counts, activation):
         y_ND = x_ND.new_empty(x_ND.shape[0], w2_EFD.shape[2])
-        saved_h, saved_a = [], []
+        saved_h = []
         start = 0
         for e, n in enumerate(counts):
             if n:
                 rows = slice(start, start + n)
                 h_nH = torch.mm(x_ND[rows], w1_EDH[e])
-                a_nF = _act_forward(h_nH, activation)
-                torch.mm(a_nF, w2_EFD[e], out=y_ND[rows])
+                torch.mm(_act_forward(h_nH, activation), w2_EFD[e], out=y_ND[rows])
                 saved_h.append(h_nH)
-                saved_a.append(a_nF)
             start += n
         # Intermediates go through save_for_backward too, so saved-tensor hooks (activation
         # checkpointing, offload) see them.
-        ctx.save_for_backward(x_ND, w1_EDH, w2_EFD, *saved_h, *saved_a)
+        ctx.save_for_backward(x_ND, w1_EDH, w2_EFD, *saved_h)
         ctx.counts, ctx.activation = counts, activation
         return y_ND
 
     @staticmethod
     def backward(ctx, grad_ND):
-        x_ND, w1_EDH, w2_EFD, *saved = ctx.saved_tensors
-        saved_h, saved_a = saved[: len(saved) // 2], saved[len(saved) // 2 :]
+        x_ND, w1_EDH, w2_EFD, *saved_h = ctx.saved_tensors
         grad_ND = grad_ND.contiguous()
         need_x, need_w1, need_w2 = ctx.needs_input_grad[:3]
         grad_x = torch.empty_like(x_ND) if need_x else None
@@ -183,9 +201,9 @@ class _ExpertMLP(torch.autograd.Function):
             if not n:
                 continue
             rows = slice(start, start + n)
-            h_nH, a_nF, g_nD = saved_h[i], saved_a[i], grad_ND[rows]
+            h_nH, g_nD = saved_h[i], grad_ND[rows]
             if need_w2:
-                torch.mm(a_nF.t(), g_nD, out=grad_w2[e])
+                torch.mm(_act_forward(h_nH, ctx.activation).t(), g_nD, out=grad_w2[e])
             grad_h = _act_backward(torch.mm(g_nD, w2_EFD[e].t()), h_nH, ctx.activation)
             if need_x:
                 torch.mm(grad_h, w1_EDH[e].t(), out=grad_x[rows])
@@ -270,10 +288,20 @@ class GroupedExperts(nn.Module):
 
     def _forward_routed(self, x_TD: torch.Tensor, counts: list[int], dtype: torch.dtype,
                         token_idx_N: torch.Tensor, gate_N: torch.Tensor) -> torch.Tensor:
-        if dtype == x_TD.dtype and self.resolve_impl(x_TD, counts, dtype) == "fused":
-            return routed_expert_mlp(x_TD, token_idx_N, gate_N.to(dtype), self.w1.to(dtype),
-                                     self.w2.to(dtype), counts, self.activation)
-        y_ND = self._forward(x_TD.index_select(0, token_idx_N), counts, dtype)
+        impl = self.resolve_impl(x_TD, counts, dtype)
+        grouped = impl == "torch_grouped_mm"
+        if dtype != x_TD.dtype or (grouped and _needs_row_padding(x_TD, counts)):
+            y_ND = self._forward(x_TD.index_select(0, token_idx_N), counts, dtype)
+            return combine_rows(y_ND, token_idx_N, gate_N, x_TD.shape[0])
+        if dtype == torch.bfloat16 and x_TD.device.type == "cpu":
+            _warn_if_slow_bf16(torch.backends.cpu.get_cpu_capability())
+        w1, w2 = self.w1.to(dtype), self.w2.to(dtype)
+        if impl == "fused":
+            return routed_expert_mlp(x_TD, token_idx_N, gate_N.to(dtype), w1, w2, counts,
+                                     self.activation)
+        # neither the gathered rows nor act(h) kept for backward (gather_mm.py, act_mm.py)
+        h_NH = gather_mm(x_TD, w1, token_idx_N, counts, grouped)
+        y_ND = act_mm(h_NH, w2, counts, self.activation, grouped)
         return combine_rows(y_ND, token_idx_N, gate_N, x_TD.shape[0])
 
     def _forward(self, x_ND: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -286,5 +314,9 @@ class GroupedExperts(nn.Module):
         else:
             mm = grouped_mm if impl == "loop" else torch_grouped_mm
             h_NH = mm(x_cast, w1, counts)
-            y_ND = mm(_act_forward(h_NH, self.activation), w2, counts)
+            grouped = impl == "torch_grouped_mm"
+            if grouped and _needs_row_padding(x_cast, counts):  # CUDA: torch_grouped_mm pads
+                y_ND = mm(_act_forward(h_NH, self.activation), w2, counts)
+            else:  # keeps h only, not act(h) (act_mm.py)
+                y_ND = act_mm(h_NH, w2, counts, self.activation, grouped)
         return y_ND.to(x_ND.dtype)

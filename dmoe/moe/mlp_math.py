@@ -25,9 +25,13 @@ def act_forward(h_nH: torch.Tensor, activation: str) -> torch.Tensor:
     return F.gelu(h_nH)
 
 
-def act_backward(grad_nF: torch.Tensor, h_nH: torch.Tensor, activation: str) -> torch.Tensor:
-    """d loss / d h from d loss / d act(h), in the layout of h."""
+def act_backward(grad_nF: torch.Tensor, h_nH: torch.Tensor, activation: str,
+                 inplace: bool = False) -> torch.Tensor:
+    """d loss / d h from d loss / d act(h), in the layout of h. inplace: GELU writes it
+    over grad_nF (the same values; one [n, F] buffer fewer)."""
     if activation != "swiglu":
+        if inplace:
+            return torch.ops.aten.gelu_backward.grad_input(grad_nF, h_nH, grad_input=grad_nF)
         return torch.ops.aten.gelu_backward(grad_nF, h_nH)
     gate_nF, up_nF = h_nH.chunk(2, dim=-1)
     grad_nH = torch.empty_like(h_nH)

@@ -72,3 +72,15 @@ def test_torchtitan_peer_computes_what_dmoe_does(k):
     inner = titan.routed_experts.inner_experts
     torch.testing.assert_close(layer.experts.w1.grad, inner.w1_EFD.grad.transpose(1, 2),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_saved_bytes_counts_distinct_storages_kept_for_backward():
+    a = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+
+    def step():  # mm keeps a and w (left out), exp keeps its output once, mul keeps it again
+        e = (a @ w).exp()
+        (e * e).sum().backward()
+
+    assert moe_common.saved_bytes(step, [a, w]) == 4 * 16 * 4
+    assert moe_common.saved_bytes(step, []) == (4 * 8 + 8 * 16 + 4 * 16) * 4

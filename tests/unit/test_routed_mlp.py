@@ -6,6 +6,7 @@ import torch
 
 from dmoe.moe import routed_mlp
 from dmoe.moe.dispatcher import CapacitySettings, LocalDispatcher
+from dmoe.moe.gather_mm import gather_mm
 from dmoe.moe.layer import MoELayer
 from tests.reference_moe import reference_moe
 
@@ -66,8 +67,10 @@ def test_routed_path_matches_naive_reference(k, cf, impl, monkeypatch):
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("cf", [1.0, None])
-def test_fused_routed_is_bit_identical_to_unfused_fp32(activation, cf):
-    layer = make_layer(2, cf, "fused", activation, torch.float32)
+@pytest.mark.parametrize("impl", ["fused", "loop", "torch_grouped_mm"])
+def test_routed_is_bit_identical_to_unfused_fp32(activation, cf, impl):
+    """fused: routed_mlp.py; loop / torch_grouped_mm: gather_mm.py + act_mm.py."""
+    layer = make_layer(2, cf, impl, activation, torch.float32)
     x, target = inputs(torch.float32)
     y1, g1 = step(layer, x, target, lambda lay, x_: lay(x_)[0])
     y2, g2 = step(layer, x, target, unfused)
@@ -76,8 +79,9 @@ def test_fused_routed_is_bit_identical_to_unfused_fp32(activation, cf):
         assert torch.equal(a, b)
 
 
-def test_recompute_through_routed_path_matches_reference():
-    layer = make_layer(2, 1.0, "fused", recompute=True)
+@pytest.mark.parametrize("impl", ["fused", "loop"])
+def test_recompute_through_routed_path_matches_reference(impl):
+    layer = make_layer(2, 1.0, impl, recompute=True)
     x, target = inputs()
     y, g1 = step(layer, x, target, lambda lay, x_: lay(x_)[0])
     y_ref, g2 = step(layer, x, target, lambda lay, x_: reference_moe(lay, x_, 1.0)[0])
@@ -136,3 +140,20 @@ def test_node_matches_naive_row_loop_with_an_empty_expert(activation):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
     assert g1[2][1].abs().sum() == 0 and g1[3][1].abs().sum() == 0
     assert g1[0][3].abs().sum() == 0  # a token no row reads gets no gradient
+
+
+def test_gather_mm_keeps_x_not_the_gathered_rows():
+    """What the routed first matmul saves for backward: x_TD, w1 and the row indices."""
+    x_TD = torch.randn(T, D, requires_grad=True)
+    w = torch.randn(2, D, F_, requires_grad=True)
+    idx = torch.tensor([3, 1, 3, 0, 7, 7, 2])  # k copies of a token (3, 7) in one expert too
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        h = gather_mm(x_TD, w, idx, [4, 3], False)
+    assert [tuple(t.shape) for t in packed] == [(T, D), (2, D, F_), (7,)]
+    h.sum().backward()
+    x_ref, w_ref = x_TD.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    x_ND = x_ref[idx]
+    torch.cat([x_ND[:4] @ w_ref[0], x_ND[4:] @ w_ref[1]]).sum().backward()
+    torch.testing.assert_close(x_TD.grad, x_ref.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=0, atol=1e-6)
