@@ -57,7 +57,13 @@ train-torchrun: setup
 system-deps:
 	scripts/system-deps.sh
 
-test: setup system-deps
+# torchtitan, the benchmark's peer (not a dmoe dependency): installed for the tests that
+# check the bench's torchtitan layer computes what dmoe's does
+PEERS := $(VENV)/peers/.ready
+$(PEERS): bench/install_peers.sh | $(STAMP)
+	bash bench/install_peers.sh $(PY) && touch $(PEERS)
+
+test: setup system-deps $(PEERS)
 	$(PY) -m pytest -q -m "not docker"
 
 # The Docker image built and run as two nodes (minutes; CI runs it as its own stage).

@@ -14,6 +14,6 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 "$PY" -m pip download --no-deps -d "$TMP" torchtitan==0.3.0 spmd_types==0.2.3
 "$PY" -m pip install --upgrade --no-deps --target "$DEST" "$TMP"/torchtitan-0.3.0-*.whl "$TMP"/spmd_types-0.2.3-*.whl
-"$PY" -m pip install --upgrade --target "$DEST" tyro
+"$PY" -m pip install --upgrade --target "$DEST" tyro==1.0.17
 PYTHONPATH="$DEST" "$PY" -c "import sys; sys.path.insert(0, 'bench'); import moe_common; \
 assert moe_common.import_torchtitan() is not None; print('torchtitan peer ready in $DEST')"
