@@ -15,7 +15,8 @@ leaking. Two remedies, by DMOE_MALLOC:
             whose pages fault in again: steps were 20-60% slower on the default config
     system  glibc's defaults (the bench/ scripts set their own caching variables)
 
-Nothing is done off glibc. Logged at debug level.
+Nothing is done off glibc, nor when glibc's own MALLOC_*_ variables are set (unless
+DMOE_MALLOC is set too). Logged at debug level.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def tune_allocator(env=os.environ) -> str:
     """Applies DMOE_MALLOC (default trim) to this process. Returns the mode applied
     ("system" when off, not glibc, or an unknown value: logged)."""
     mode = env.get(OPT, "trim").lower() or "trim"
+    own = sorted(k for k in env if k.startswith("MALLOC_") and k.endswith("_"))
+    if own and OPT not in env:  # the user tuned glibc through its own variables
+        log.debug("allocator: %s set, glibc's settings left alone", ", ".join(own))
+        return "system"
     if mode not in MODES:
         log.warning("%s=%s: not one of %s; glibc defaults kept", OPT, mode, MODES)
         return "system"

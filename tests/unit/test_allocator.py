@@ -20,3 +20,8 @@ def test_modes(caplog):
     before = {t.name for t in threading.enumerate()}
     assert tune_allocator({}) == "trim"  # the default
     assert "dmoe-malloc-trim" in {t.name for t in threading.enumerate()} - before
+
+
+def test_glibc_variables_win_unless_dmoe_malloc_is_set():
+    assert tune_allocator({"MALLOC_ARENA_MAX_": "2", "MALLOC_MMAP_THRESHOLD_": "65536"}) == "system"
+    assert tune_allocator({"MALLOC_TRIM_THRESHOLD_": "0", "DMOE_MALLOC": "mmap"}) == "mmap"
