@@ -23,11 +23,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .mlp_math import act_backward, act_forward, weight_grad_buffer
-
-
-def _offsets(counts: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+from .mlp_math import act_backward, act_forward, blocked_mm, group_offsets, weight_grad_buffer
 
 
 class _ActMM(torch.autograd.Function):
@@ -35,14 +31,9 @@ class _ActMM(torch.autograd.Function):
     def forward(ctx, h_NH, w_EFO, counts, activation, grouped):
         a_NF = act_forward(h_NH, activation)
         if grouped:
-            y_NO = torch._grouped_mm(a_NF, w_EFO, offs=_offsets(counts, h_NH.device))
+            y_NO = torch._grouped_mm(a_NF, w_EFO, offs=group_offsets(counts, h_NH.device))
         else:
-            y_NO = h_NH.new_empty(h_NH.shape[0], w_EFO.shape[2])
-            start = 0
-            for e, n in enumerate(counts):
-                if n:
-                    torch.mm(a_NF[start : start + n], w_EFO[e], out=y_NO[start : start + n])
-                start += n
+            y_NO = blocked_mm(a_NF, w_EFO, counts)
         ctx.save_for_backward(h_NH, w_EFO)  # saved-tensor hooks (checkpointing) see both
         ctx.counts, ctx.activation, ctx.grouped = counts, activation, grouped
         return y_NO
@@ -55,7 +46,7 @@ class _ActMM(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         counts, activation = ctx.counts, ctx.activation
         a_NF = act_forward(h_NH, activation)  # recomputed, as in the forward
-        offs = _offsets(counts, h_NH.device) if ctx.grouped else None
+        offs = group_offsets(counts, h_NH.device) if ctx.grouped else None
         grad_w = grad_a = None
         if need_w:
             if ctx.grouped:

@@ -40,6 +40,7 @@ from .gather_mm import gather_mm
 from .impl_table import nearest_cpu_impl
 from .mlp_math import act_backward as _act_backward
 from .mlp_math import act_forward as _act_forward
+from .mlp_math import blocked_mm, group_offsets
 from .mlp_math import weight_grad_buffer as _weight_grad_buffer
 from .routed_mlp import routed_expert_mlp
 
@@ -61,12 +62,7 @@ class _GroupedMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_NI, w_EIO, counts):
-        y_NO = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                torch.mm(x_NI[start : start + n], w_EIO[e], out=y_NO[start : start + n])
-            start += n
+        y_NO = blocked_mm(x_NI, w_EIO, counts)
         ctx.save_for_backward(x_NI, w_EIO)
         ctx.counts = counts
         return y_NO
@@ -118,7 +114,7 @@ def torch_grouped_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: list[int],
     if row_multiple is None:
         row_multiple = max(1, 16 // x_NI.element_size()) if x_NI.device.type == "cuda" else 1
     padded = [-(-n // row_multiple) * row_multiple for n in counts]
-    offs_E = torch.tensor(padded, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_NI.device)
+    offs_E = group_offsets(padded, x_NI.device)
     if padded == counts:
         return _ContiguousGrad.apply(torch._grouped_mm(x_NI, w_EIO, offs=offs_E))
     # row n of expert e goes to n + (padding of the experts before e): built on the device

@@ -9,6 +9,22 @@ import torch
 import torch.nn.functional as F
 
 
+def group_offsets(counts: list[int], device: torch.device) -> torch.Tensor:
+    """torch._grouped_mm's offs: the int32 end row of each expert's block, on the device."""
+    return torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+
+
+def blocked_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """y[rows of e] = x[rows of e] @ w[e], a torch.mm per expert with rows (no autograd)."""
+    y_NO = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[2])
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            torch.mm(x_NI[start : start + n], w_EIO[e], out=y_NO[start : start + n])
+        start += n
+    return y_NO
+
+
 def weight_grad_buffer(w_EIO: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Uninitialised stacked gradient; only experts with no rows are zeroed (saves a memset)."""
     grad_w = torch.empty_like(w_EIO)
